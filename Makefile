@@ -1,0 +1,31 @@
+# Quick start: `make train`, then `make test`. CONFIG, ARGS ("key=value ...") and RUN pass through.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/default.yaml
+ARGS ?=
+RUN ?=
+
+.PHONY: train submit compare test clean
+
+# reinstalls whenever pyproject.toml (the dependencies) changes
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $@
+
+train: $(VENV)/.installed
+	$(BIN)/labelcomp train --config $(CONFIG) $(ARGS)
+
+submit: $(VENV)/.installed
+	$(BIN)/labelcomp submit --config $(CONFIG) $(if $(RUN),--run $(RUN)) $(ARGS)
+
+compare: $(VENV)/.installed
+	$(BIN)/labelcomp compare --config $(CONFIG) $(ARGS)
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

@@ -1,0 +1,77 @@
+"""The `labelcomp` command: parse, call one function, print; known errors become one line and exit 2.
+
+Heavy libraries are imported inside the commands so that `--help` and errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from labelcomp.errors import LabelcompError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labelcomp", description="k-fold fine-tuning for image-classification competitions")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("train", "train every fold of an experiment, print fold scores, CV and OOF, record the run"),
+        ("submit", "predict the test set with a run's fold models and TTA, write the submission"),
+        ("compare", "print every run of the score history"),
+    ):
+        command = commands.add_parser(name, help=text, description=text)
+        command.add_argument("--config", help="experiment YAML file (e.g. configs/default.yaml)")
+        command.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. cv.folds=3")
+        if name == "submit":
+            command.add_argument("--run", help="run id (default: the experiment's latest finished run)")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> None:
+    from labelcomp.config import load_config
+    from labelcomp.history import fold_table
+    from labelcomp.train import run
+
+    _, scores = run(load_config(args.config, args.overrides))
+    print(fold_table(scores))
+
+
+def _submit(args: argparse.Namespace) -> None:
+    from labelcomp.config import load_config
+    from labelcomp.submit import submit
+
+    path = submit(load_config(args.config, args.overrides), args.run, args.overrides)
+    print(f"submission written: {path}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from labelcomp.config import load_config
+    from labelcomp.history import compare_table, history_path, read_history
+
+    config = load_config(args.config, args.overrides)
+    print(compare_table(read_history(history_path(config.paths.submissions))))
+
+
+COMMANDS = {"train": _train, "submit": _submit, "compare": _compare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Lightning's hardware and seed notices repeat for every fold; warnings still show
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        COMMANDS[args.command](args)
+    except LabelcompError as error:
+        print(f"labelcomp: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("labelcomp: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The config schema with every default once, YAML loading with `extends`, `key=value` overrides.
+
+Configs are OmegaConf structured configs, so an unknown or mistyped key fails at load time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+from labelcomp.errors import LabelcompError
+from labelcomp.runs import write_text_atomic
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"  # any timm model name
+    # true: timm hub weights; false: random init; a path: a local weights file
+    pretrained: Any = True
+    # overlay on timm's pretrained config, e.g. the mean/std a local weights file was trained with
+    pretrained_cfg: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # more timm.create_model arguments
+    drop_rate: float = 0.0
+    # timm's default head init starts some backbones at cross-entropy ~9, which stalls a head-only stage
+    zero_init_head: bool = True
+
+
+@dataclass
+class CVConfig:
+    folds: int = 5
+
+
+@dataclass
+class DataConfig:
+    batch_size: int = 64
+    # workers compete with the model for the cores of a small machine: 0 was fastest on 2 cores
+    num_workers: int = 0
+    cache_images: bool = False  # keep decoded images in memory (small datasets)
+
+
+@dataclass
+class AugmentConfig:
+    image_size: int = 224
+    mean: Optional[list[float]] = None  # None: from the backbone's pretrained config
+    std: Optional[list[float]] = None
+    # Albumentations transforms by class name and arguments; Normalize and ToTensorV2 are appended
+    train: list[dict[str, Any]] = field(
+        default_factory=lambda: [
+            {"name": "RandomResizedCrop", "size": ["${augment.image_size}", "${augment.image_size}"],
+             "scale": [0.6, 1.0]},
+            {"name": "HorizontalFlip", "p": 0.5},
+            {"name": "ColorJitter", "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.0, "p": 0.5},
+        ]
+    )
+    eval: list[dict[str, Any]] = field(
+        default_factory=lambda: [
+            {"name": "Resize", "height": "${augment.image_size}", "width": "${augment.image_size}"},
+        ]
+    )
+
+
+@dataclass
+class StageConfig:
+    epochs: int = 1
+    train: str = "head"  # head | all
+    lr: float = 1e-3  # learning rate of the head
+    backbone_lr_mult: float = 0.1  # backbone lr = lr * backbone_lr_mult
+    train_bn: bool = False  # BatchNorm layers of frozen parts train (weights and running statistics)
+    warmup_epochs: float = 0.0
+
+
+@dataclass
+class FinetuneConfig:
+    stages: list[StageConfig] = field(
+        default_factory=lambda: [
+            StageConfig(epochs=1, train="head", lr=1e-2),
+            StageConfig(epochs=5, train="all", lr=1e-3, backbone_lr_mult=0.1, warmup_epochs=0.5),
+        ]
+    )
+    min_lr_ratio: float = 0.01  # the cosine decay of each stage ends at lr * min_lr_ratio
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # any timm.optim.create_optimizer_v2 name
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    early_stopping_patience: int = 3
+    progress_bar: bool = True
+
+
+@dataclass
+class PathsConfig:
+    runs: str = "runs"
+    submissions: str = "submissions"
+
+
+@dataclass
+class Config:
+    experiment: str = "default"  # prefix of run ids and the folder under paths.runs
+    competition: str = "???"  # folder holding competition.yaml
+    seed: int = 42
+    cv: CVConfig = field(default_factory=CVConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tta: str = "hflip"  # none | hflip
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """One YAML file, merged over the file its `extends` key names (relative to it)."""
+    if not path.is_file():
+        raise LabelcompError(f"{path}: config file not found; pass an existing YAML file (see configs/)")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as error:  # yaml.YAMLError and friends: the file is not valid YAML
+        raise LabelcompError(f"{path}: not a valid YAML config ({error})") from None
+    parent = node.pop("extends", None)
+    if parent is None:
+        return node
+    return OmegaConf.merge(_read_yaml(path.parent / parent), node)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Defaults, then the YAML file, then `key=value` overrides; checked against the schema."""
+    config = OmegaConf.structured(Config)
+    source = "the defaults"
+    try:
+        if path is not None:
+            source = str(path)
+            config = OmegaConf.merge(config, _read_yaml(Path(path)))
+        if overrides:
+            source = "the overrides"
+            bad = [item for item in overrides if "=" not in item]
+            if bad:
+                raise LabelcompError(f"override {bad[0]!r} is not key=value; write e.g. model.name=resnet18")
+            config = OmegaConf.merge(config, OmegaConf.from_dotlist(overrides))
+        OmegaConf.to_container(config, resolve=True, throw_on_missing=True)
+    except (ConfigKeyError, MissingMandatoryValue, ValidationError) as error:
+        raise LabelcompError(_describe(error, source)) from None
+    except OmegaConfBaseException as error:
+        raise LabelcompError(f"{source}: {error.msg}") from None
+    OmegaConf.set_readonly(config, False)
+    return config
+
+
+def _describe(error: OmegaConfBaseException, source: str) -> str:
+    key = error.full_key or "?"
+    if isinstance(error, MissingMandatoryValue):
+        return f"config key '{key}' has no value; set it in the YAML file or pass {key}=... as an override"
+    if isinstance(error, ConfigKeyError):
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        known = OmegaConf.select(OmegaConf.structured(Config), parent) if parent else OmegaConf.structured(Config)
+        choices = ", ".join(known.keys()) if isinstance(known, DictConfig) else ""
+        return f"{source}: unknown config key '{key}'" + (f"; known keys here: {choices}" if choices else "")
+    return f"{source}: bad value for config key '{key}': {error.msg.splitlines()[0]}"
+
+
+def save_config(config: DictConfig, path: Path) -> None:
+    """The resolved config, so a run folder says exactly what produced it."""
+    write_text_atomic(path, OmegaConf.to_yaml(config, resolve=True))

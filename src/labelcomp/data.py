@@ -1,0 +1,96 @@
+"""Image decoding (cv2, to RGB), an optional decoded-image cache, the Dataset and the LightningDataModule.
+
+Transforms are given to the data module; it does not choose augmentations.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import cv2
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from labelcomp.errors import LabelcompError
+
+# a process decodes with one thread: the cores are busy with the model
+cv2.setNumThreads(1)
+
+
+def read_image(path: str) -> np.ndarray:
+    """RGB uint8 array of shape (H, W, 3)."""
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise LabelcompError(f"{path}: cannot be decoded as an image; replace or remove the file")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class ImageDataset(Dataset):
+    """(image tensor, class index) pairs; the index is -1 where labels are unknown (test)."""
+
+    def __init__(self, frame: pd.DataFrame, transform: Callable, cache: Optional[dict[str, np.ndarray]] = None):
+        self.paths = frame["path"].tolist()
+        self.targets = frame["target"].to_numpy() if "target" in frame else np.full(len(frame), -1)
+        self.transform = transform
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _image(self, path: str) -> np.ndarray:
+        if self.cache is None:
+            return read_image(path)
+        if path not in self.cache:
+            self.cache[path] = read_image(path)
+        return self.cache[path]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.transform(image=self._image(self.paths[index]))["image"]
+        return image, int(self.targets[index])
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Train / validation / prediction loaders over frames with `path` (and `target`) columns."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int,
+        train: Optional[pd.DataFrame] = None,
+        val: Optional[pd.DataFrame] = None,
+        predict: Optional[pd.DataFrame] = None,
+        train_transform: Optional[Callable] = None,
+        eval_transform: Optional[Callable] = None,
+        cache: Optional[dict[str, np.ndarray]] = None,
+    ):
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.frames = {"train": train, "val": val, "predict": predict}
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
+        self.cache = cache
+
+    def _loader(self, split: str, transform: Callable, shuffle: bool) -> DataLoader:
+        dataset = ImageDataset(self.frames[split], transform, self.cache)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            # a last batch of one image breaks BatchNorm in training
+            drop_last=shuffle and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.train_transform, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_transform, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", self.eval_transform, shuffle=False)

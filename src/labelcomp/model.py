@@ -1,0 +1,183 @@
+"""The LightningModule over a timm backbone: loss, torchmetrics metric, optimizer and staged lr schedule.
+
+It optimizes whatever is trainable; freezing and unfreezing belong to the finetune callback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import lightning as L
+import timm
+import torch
+from omegaconf import DictConfig, OmegaConf
+from timm.optim import create_optimizer_v2
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from labelcomp.errors import LabelcompError
+from labelcomp.finetune import BACKBONE, HEAD, StagePlan, plan_for
+from labelcomp.metrics import METRICS
+
+_logger = logging.getLogger(__name__)
+
+HUB_TIMEOUT_S = 5
+
+
+def _check_hub_reachable(model_name: str) -> None:
+    """Fail in seconds, not after minutes of download retries, when the weights hub is unreachable."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:  # the user says the weights are in the local cache
+        return
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=HUB_TIMEOUT_S).close()
+    except OSError as error:
+        raise LabelcompError(
+            f"model.pretrained=true: cannot reach the timm weights hub ({host}: {error}) to download "
+            f"'{model_name}'; give a local weights file with model.pretrained=path/to/weights.pth, "
+            "train from scratch with model.pretrained=false, or set HF_HUB_OFFLINE=1 if the weights are cached"
+        ) from None
+
+
+def apply_weights_card(model: DictConfig) -> None:
+    """Merge the card beside a local weights file into the model config (config values win).
+
+    The card `<weights>.json` uses the keys of timm's hub config.json: `architecture`, `model_args`
+    (create_model arguments the weights need) and `pretrained_cfg` (mean, std, ...). Merged into the
+    run's config, it makes checkpoints rebuildable without the card.
+    """
+    if not isinstance(model.pretrained, str):
+        return
+    card_path = Path(model.pretrained).with_suffix(".json")
+    if not card_path.is_file():
+        return
+    try:
+        card = json.loads(card_path.read_text())
+    except json.JSONDecodeError as error:
+        raise LabelcompError(f"{card_path}: not valid JSON ({error})") from None
+    architecture = card.get("architecture")
+    if architecture and architecture != model.name:
+        raise LabelcompError(
+            f"model.pretrained: '{model.pretrained}' holds {architecture} weights (see {card_path}), but model.name "
+            f"is '{model.name}'; set model.name={architecture}, or model.pretrained=true/false/another file"
+        )
+    model.kwargs = OmegaConf.merge(card.get("model_args", {}), model.kwargs)
+    model.pretrained_cfg = OmegaConf.merge(card.get("pretrained_cfg", {}), model.pretrained_cfg)
+
+
+def build_model(model: DictConfig, num_classes: int, load_weights: bool = True) -> nn.Module:
+    """timm.create_model from the `model` config; `load_weights=False` skips pretrained weights
+    (a checkpoint is about to replace them)."""
+    if not timm.is_model(model.name):
+        raise LabelcompError(f"model.name '{model.name}' is not a timm model; see timm.list_models()")
+    pretrained = model.pretrained if load_weights else False
+    overlay = dict(OmegaConf.to_container(model.pretrained_cfg, resolve=True))
+    if isinstance(pretrained, str):
+        path = Path(pretrained)
+        if not path.is_file():
+            raise LabelcompError(
+                f"model.pretrained: weights file '{pretrained}' not found; give an existing file, true (timm hub) or false"
+            )
+        overlay["file"] = str(path.resolve())
+    elif pretrained is True:
+        _check_hub_reachable(model.name)
+    elif pretrained is not False:
+        raise LabelcompError(f"model.pretrained is {pretrained!r}; expected true, false or a weights file path")
+    try:
+        net = timm.create_model(
+            model.name, pretrained=bool(pretrained), num_classes=num_classes, drop_rate=model.drop_rate,
+            pretrained_cfg_overlay=overlay, **OmegaConf.to_container(model.kwargs, resolve=True),
+        )
+    except (OSError, RuntimeError) as error:
+        raise LabelcompError(f"model '{model.name}': cannot load pretrained weights ({error})") from None
+    if model.zero_init_head:
+        head = net.get_classifier()
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    return net
+
+
+def resolve_normalization(model: DictConfig) -> tuple[list[float], list[float]]:
+    """Mean and std the backbone's weights expect, from its pretrained config with the overlay applied."""
+    pretrained_cfg = timm.models.get_pretrained_cfg(model.name)
+    merged = {**(pretrained_cfg.to_dict() if pretrained_cfg else {}), **OmegaConf.to_container(model.pretrained_cfg)}
+    data_config = timm.data.resolve_data_config(pretrained_cfg=merged)
+    return list(data_config["mean"]), list(data_config["std"])
+
+
+class StagedLR(LRScheduler):
+    """Per-step lr of every param group from the stage plan, including groups added at an unfreeze.
+
+    torch's and timm's schedulers fix their list of groups when built, so a group added later
+    would crash them or keep its first lr forever.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, plan: StagePlan):
+        self.plan = plan
+        super().__init__(optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        # the plan is rebuilt from the config; checkpoints keep plain values only
+        return {key: value for key, value in super().state_dict().items() if key != "plan"}
+
+    def get_lr(self) -> list[float]:
+        return [self.plan.lr(group.get("name", HEAD), self.last_epoch) for group in self.optimizer.param_groups]
+
+
+class ClassifierModule(L.LightningModule):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optim: dict[str, Any],
+        finetune: dict[str, Any],
+        num_classes: int,
+        metric: str,
+        load_weights: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["load_weights"])
+        self.net = build_model(OmegaConf.create(model), num_classes, load_weights)
+        self.metric = METRICS[metric]
+        self.train_loss = nn.CrossEntropyLoss(label_smoothing=optim["label_smoothing"])
+        # validation loss stays plain cross-entropy so it is the log-loss whatever the smoothing
+        self.val_loss = nn.CrossEntropyLoss()
+        self.val_metric = self.metric.build_torchmetric(num_classes) if self.metric.torchmetric else None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        loss = self.train_loss(self(images), targets)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, targets = batch
+        logits = self(images)
+        self.log("val/loss", self.val_loss(logits, targets), prog_bar=True, batch_size=len(targets))
+        if self.val_metric is not None:
+            self.val_metric(logits, targets)
+            self.log(self.metric.monitor, self.val_metric, prog_bar=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        head_ids = {id(p) for p in self.net.get_classifier().parameters()}
+        trainable = [p for p in self.net.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in trainable if id(p) in head_ids], "name": HEAD},
+            {"params": [p for p in trainable if id(p) not in head_ids], "name": BACKBONE},
+        ]
+        finetune = self.hparams.finetune
+        optimizer = create_optimizer_v2(
+            [group for group in groups if group["params"]], opt=self.hparams.optim["name"],
+            lr=finetune["stages"][0]["lr"], weight_decay=self.hparams.optim["weight_decay"],
+        )
+        plan = plan_for(self.trainer, finetune["stages"], finetune["min_lr_ratio"])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": StagedLR(optimizer, plan), "interval": "step"}}

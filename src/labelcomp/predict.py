@@ -1,0 +1,65 @@
+"""Inference from fold checkpoints: TTA views in one forward pass, probabilities per view, fold averaging."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from labelcomp.augment import build_transforms, tta_views
+from labelcomp.data import ImageDataModule
+from labelcomp.model import ClassifierModule
+
+_logger = logging.getLogger(__name__)
+
+
+class TTAPredictor(L.LightningModule):
+    """Wraps a trained classifier for `Trainer.predict`: returns softmax probabilities per TTA view."""
+
+    def __init__(self, classifier: ClassifierModule, views: list):
+        super().__init__()
+        self.classifier = classifier
+        self.views = views
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images = batch[0]
+        # all views stacked into one forward pass: one large batch beats several small ones
+        logits = self.classifier(torch.cat([view(images) for view in self.views]))
+        return logits.softmax(dim=-1).view(len(self.views), len(images), -1)
+
+
+def load_classifier(checkpoint: Path) -> ClassifierModule:
+    return ClassifierModule.load_from_checkpoint(checkpoint, map_location="cpu", load_weights=False)
+
+
+def predict_views(
+    classifier: ClassifierModule, frame: pd.DataFrame, config: DictConfig,
+    cache: dict[str, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Probabilities of shape (views, images, classes); view 0 is the untransformed image."""
+    data = ImageDataModule(
+        batch_size=config.data.batch_size, num_workers=config.data.num_workers, predict=frame,
+        eval_transform=build_transforms(config.augment, train=False), cache=cache,
+    )
+    trainer = L.Trainer(
+        accelerator=config.trainer.accelerator, devices=1, precision=config.trainer.precision, logger=False,
+        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=config.trainer.progress_bar,
+    )
+    batches = trainer.predict(TTAPredictor(classifier, tta_views(config.tta)), datamodule=data)
+    return torch.cat(batches, dim=1).float().numpy()
+
+
+def predict_folds(checkpoints: list[Path], frame: pd.DataFrame, config: DictConfig) -> np.ndarray:
+    """Mean over folds of the TTA-merged probabilities, shape (images, classes)."""
+    cache: dict[str, np.ndarray] | None = {} if config.data.cache_images else None
+    total = None
+    for checkpoint in checkpoints:
+        _logger.info("predicting %d images with %s", len(frame), checkpoint)
+        proba = predict_views(load_classifier(checkpoint), frame, config, cache).mean(axis=0)
+        total = proba if total is None else total + proba
+    return total / len(checkpoints)

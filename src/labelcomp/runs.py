@@ -1,0 +1,103 @@
+"""The run folder contract: `runs/<experiment>/<run_id>/` and its files, written atomically.
+
+Everything after training reads a run folder, never the training process's memory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from labelcomp.errors import LabelcompError
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", newline="") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: Path, **to_csv_args) -> None:
+    write_text_atomic(path, frame.to_csv(index=False, lineterminator="\n", **to_csv_args))
+
+
+class RunDir:
+    """Paths of one run; `fold_<k>/oof.csv` existing is what marks fold k as done."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.run_id = self.root.name
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def folds(self) -> Path:
+        return self.root / "folds.csv"
+
+    @property
+    def oof(self) -> Path:
+        return self.root / "oof.csv"
+
+    @property
+    def oof_tta(self) -> Path:
+        return self.root / "oof_tta.csv"
+
+    @property
+    def scores(self) -> Path:
+        return self.root / "scores.json"
+
+    def fold_dir(self, fold: int) -> Path:
+        return self.root / f"fold_{fold}"
+
+    def fold_oof(self, fold: int) -> Path:
+        return self.fold_dir(fold) / "oof.csv"
+
+    def fold_oof_tta(self, fold: int) -> Path:
+        return self.fold_dir(fold) / "oof_tta.csv"
+
+    def checkpoint(self, fold: int) -> Path:
+        return self.fold_dir(fold) / "best.ckpt"
+
+
+def new_run(runs_root: str | Path, experiment: str) -> RunDir:
+    """A fresh folder named `<experiment>-<local time>`; a suffix keeps runs started in one second apart."""
+    parent = Path(runs_root) / experiment
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        run_id = f"{experiment}-{stamp}" + (f"-{attempt}" if attempt else "")
+        try:
+            (parent / run_id).mkdir()
+        except FileExistsError:
+            continue
+        return RunDir(parent / run_id)
+    raise LabelcompError(f"{parent}: could not create a new run folder")
+
+
+def find_run(runs_root: str | Path, experiment: str, run_id: str | None = None) -> RunDir:
+    """The named run, or the latest finished run (one with scores.json) of the experiment."""
+    parent = Path(runs_root) / experiment
+    if run_id:
+        for candidate in (parent / run_id, *Path(runs_root).glob(f"*/{run_id}")):
+            if candidate.is_dir():
+                return RunDir(candidate)
+        raise LabelcompError(f"run '{run_id}' not found under {runs_root}/; list runs with `make compare`")
+    finished = sorted(path.parent for path in parent.glob("*/scores.json"))
+    if not finished:
+        raise LabelcompError(
+            f"{parent}: no finished run of experiment '{experiment}'; train one first with `make train`"
+        )
+    return RunDir(finished[-1])

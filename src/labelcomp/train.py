@@ -1,0 +1,210 @@
+"""The k-fold loop: per fold build data, model and callbacks, fit, predict OOF; then scores and history.
+
+`run` is made of `fit_fold`, `predict_oof` and `write_scores`, each usable alone. A fold whose
+`oof.csv` exists is done and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from labelcomp import __version__, history
+from labelcomp.augment import build_transforms, tta_views
+from labelcomp.competition import Competition
+from labelcomp.config import save_config
+from labelcomp.data import ImageDataModule
+from labelcomp.finetune import StagedFinetuning, check_stages
+from labelcomp.folds import assign_folds
+from labelcomp.metrics import METRICS, multiclass_log_loss
+from labelcomp.model import ClassifierModule, apply_weights_card, build_model, resolve_normalization
+from labelcomp.predict import load_classifier, predict_views
+from labelcomp.runs import RunDir, new_run, write_csv_atomic, write_text_atomic
+
+_logger = logging.getLogger(__name__)
+
+# num_workers=0 is a measured choice on small machines, not an oversight
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# frozen BatchNorm layers are put in eval mode on purpose (see finetune.py)
+warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode at the start of training.*")
+# a fold folder holds its checkpoint beside its logs folder
+warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
+
+
+def prepare(config: DictConfig) -> tuple[Competition, pd.DataFrame]:
+    """Validate everything a run needs before its folder exists, so bad input leaves nothing behind."""
+    competition = Competition.load(config.competition)
+    train = competition.read_train()
+    check_stages(OmegaConf.to_container(config.finetune.stages, resolve=True))
+    tta_views(config.tta)
+    apply_weights_card(config.model)
+    if config.augment.mean is None or config.augment.std is None:
+        mean, std = resolve_normalization(config.model)
+        config.augment.mean = config.augment.mean or mean
+        config.augment.std = config.augment.std or std
+    build_transforms(config.augment, train=True)
+    build_transforms(config.augment, train=False)
+    build_model(config.model, competition.num_classes)
+    return competition, train
+
+
+def run(config: DictConfig) -> tuple[RunDir, dict[str, Any]]:
+    competition, train = prepare(config)
+    run_dir = new_run(config.paths.runs, config.experiment)
+    _logger.info("run %s in %s", run_dir.run_id, run_dir.root)
+    save_config(config, run_dir.config)
+    folds = assign_folds(train, config.cv.folds, config.seed)
+    write_csv_atomic(folds, run_dir.folds)
+    cache: dict[str, np.ndarray] | None = {} if config.data.cache_images else None
+    for fold in range(config.cv.folds):
+        if run_dir.fold_oof(fold).exists():
+            continue
+        checkpoint = fit_fold(config, competition, train, folds, fold, run_dir, cache)
+        predict_oof(config, competition, train, folds, fold, checkpoint, run_dir, cache)
+    scores = write_scores(run_dir, competition, config)
+    history.record_run(history.history_path(config.paths.submissions), run_row(run_dir, config, scores))
+    return run_dir, scores
+
+
+def fit_fold(
+    config: DictConfig, competition: Competition, train: pd.DataFrame, folds: pd.DataFrame, fold: int,
+    run_dir: RunDir, cache: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """Train on every fold but `fold`, validate on `fold`; returns the best checkpoint's path."""
+    L.seed_everything(config.seed, workers=True)
+    held_out = folds["fold"].to_numpy() == fold
+    _logger.info("fold %d/%d: %d train / %d validation images", fold + 1, config.cv.folds,
+                 (~held_out).sum(), held_out.sum())
+    data = ImageDataModule(
+        batch_size=config.data.batch_size, num_workers=config.data.num_workers,
+        train=train[~held_out], val=train[held_out],
+        train_transform=build_transforms(config.augment, train=True),
+        eval_transform=build_transforms(config.augment, train=False), cache=cache,
+    )
+    finetune = OmegaConf.to_container(config.finetune, resolve=True)
+    module = ClassifierModule(
+        model=OmegaConf.to_container(config.model, resolve=True),
+        optim=OmegaConf.to_container(config.optim, resolve=True),
+        finetune=finetune, num_classes=competition.num_classes, metric=competition.spec.metric,
+    )
+    metric = METRICS[competition.spec.metric]
+    fold_dir = run_dir.fold_dir(fold)
+    best = ModelCheckpoint(
+        dirpath=fold_dir, filename=run_dir.checkpoint(fold).stem, monitor=metric.monitor, mode=metric.mode,
+        save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
+    )
+    trainer = L.Trainer(
+        max_epochs=sum(stage["epochs"] for stage in finetune["stages"]),
+        accelerator=config.trainer.accelerator, devices=config.trainer.devices,
+        num_nodes=config.trainer.num_nodes, strategy=config.trainer.strategy, precision=config.trainer.precision,
+        callbacks=[
+            StagedFinetuning(finetune["stages"], finetune["min_lr_ratio"]),
+            best,
+            EarlyStopping(monitor=metric.monitor, mode=metric.mode, patience=config.trainer.early_stopping_patience),
+            LearningRateMonitor(logging_interval="step"),
+        ],
+        logger=CSVLogger(fold_dir, name="logs", version=""),
+        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10,
+        enable_progress_bar=config.trainer.progress_bar,
+    )
+    trainer.fit(module, datamodule=data)
+    return Path(best.best_model_path)
+
+
+def _probability_frame(ids: pd.Series, fold: int, labels: pd.Series, proba: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame({"id": ids.to_numpy(), "fold": fold, "label": labels.to_numpy()})
+    return pd.concat([frame, pd.DataFrame(proba, columns=classes)], axis=1)
+
+
+def predict_oof(
+    config: DictConfig, competition: Competition, train: pd.DataFrame, folds: pd.DataFrame, fold: int,
+    checkpoint: Path, run_dir: RunDir, cache: dict[str, np.ndarray] | None = None,
+) -> None:
+    """OOF probabilities of `fold` from the model that never saw it, without and with TTA.
+
+    `oof.csv` is written last: its presence marks the fold as done."""
+    held_out = train[folds["fold"].to_numpy() == fold]
+    views = predict_views(load_classifier(checkpoint), held_out, config, cache)
+    for path, proba in ((run_dir.fold_oof_tta(fold), views.mean(axis=0)), (run_dir.fold_oof(fold), views[0])):
+        write_csv_atomic(_probability_frame(held_out["id"], fold, held_out["label"], proba, competition.labels), path)
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+def _versions() -> dict[str, str]:
+    import albumentations
+    import timm
+    import torch
+
+    return {"labelcomp": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "lightning": L.__version__, "albumentations": albumentations.__version__}
+
+
+def write_scores(run_dir: RunDir, competition: Competition, config: DictConfig) -> dict[str, Any]:
+    """Per-fold and CV scores from the folds' OOF files; also the run's merged oof.csv / oof_tta.csv."""
+    metric = METRICS[competition.spec.metric]
+    order = pd.read_csv(run_dir.folds, dtype={"id": str})["id"]
+    merged = {}
+    for name, fold_path, run_path in (("plain", run_dir.fold_oof, run_dir.oof), ("tta", run_dir.fold_oof_tta, run_dir.oof_tta)):
+        frame = pd.concat([pd.read_csv(fold_path(k), dtype={"id": str}) for k in range(config.cv.folds)])
+        frame = frame.set_index("id").loc[order].reset_index()
+        write_csv_atomic(frame, run_path)
+        merged[name] = frame
+    index = {label: position for position, label in enumerate(competition.labels)}
+    fold_rows = []
+    for fold in range(config.cv.folds):
+        row: dict[str, Any] = {"fold": fold}
+        for name, frame in merged.items():
+            part = frame[frame["fold"] == fold]
+            target, proba = part["label"].map(index).to_numpy(), part[competition.labels].to_numpy()
+            row["score" if name == "plain" else "score_tta"] = metric.score(target, proba)
+            if name == "plain":
+                row["loss"] = multiclass_log_loss(target, proba)
+                row["n"] = len(part)
+        fold_rows.append(row)
+    fold_scores = np.array([row["score"] for row in fold_rows])
+
+    def overall(frame: pd.DataFrame) -> float:
+        return metric.score(frame["label"].map(index).to_numpy(), frame[competition.labels].to_numpy())
+
+    scores = {
+        "run_id": run_dir.run_id, "metric": metric.name, "folds": fold_rows,
+        "cv_mean": float(fold_scores.mean()), "cv_std": float(fold_scores.std(ddof=1)) if len(fold_scores) > 1 else 0.0,
+        "oof_score": overall(merged["plain"]), "oof_tta_score": overall(merged["tta"]), "tta": config.tta,
+        "oof_loss": multiclass_log_loss(merged["plain"]["label"].map(index).to_numpy(),
+                                        merged["plain"][competition.labels].to_numpy()),
+        "finished_at": datetime.now().isoformat(timespec="seconds"),
+        "versions": _versions(), "git_commit": _git_commit(),
+    }
+    write_text_atomic(run_dir.scores, json.dumps(scores, indent=2) + "\n")
+    return scores
+
+
+def run_row(run_dir: RunDir, config: DictConfig, scores: dict[str, Any]) -> dict[str, Any]:
+    row = {
+        "run_id": run_dir.run_id, "created_at": scores["finished_at"], "experiment": config.experiment,
+        "backbone": config.model.name, "metric": scores["metric"], "n_folds": len(scores["folds"]),
+        "cv_mean": scores["cv_mean"], "cv_std": scores["cv_std"],
+        "oof_score": scores["oof_score"], "oof_tta_score": scores["oof_tta_score"],
+    }
+    row.update({f"fold_{fold['fold']}": fold["score"] for fold in scores["folds"]})
+    return row
