@@ -41,8 +41,10 @@ def tiny_competition(tmp_path: Path) -> Path:
 
 
 def tiny_overrides(tmp_path: Path, competition: Path) -> list[str]:
+    """The smoke experiment shrunk to the tiny competition, writing only under tmp_path."""
     return [
         f"competition={competition}",
+        f"model.pretrained={DEMO / 'weights' / 'mobilenetv2_035_keras_imagenet_backbone.pth'}",
         f"paths.runs={tmp_path / 'runs'}",
         f"paths.submissions={tmp_path / 'submissions'}",
         "augment.image_size=32",
@@ -51,8 +53,5 @@ def tiny_overrides(tmp_path: Path, competition: Path) -> list[str]:
     ]
 
 
-@pytest.fixture
-def tiny_config(tmp_path: Path, tiny_competition: Path, monkeypatch: pytest.MonkeyPatch):
-    """The smoke experiment on the tiny competition; relative paths in configs resolve from the repo."""
-    monkeypatch.chdir(REPO)
-    return load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(tmp_path, tiny_competition))
+def tiny_config(tmp_path: Path, competition: Path):
+    return load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(tmp_path, competition))

@@ -12,8 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 from labelcomp.errors import LabelcompError
 
 
-def build_transforms(augment: DictConfig, train: bool) -> A.Compose:
-    """The configured transforms, then Normalize with the resolved mean/std and ToTensorV2."""
+def build_transforms(augment: DictConfig, train: bool, seed: int | None = None) -> A.Compose:
+    """The configured transforms, then Normalize with the resolved mean/std and ToTensorV2.
+
+    Albumentations draws from its own generator, which global seeding does not reach: `seed` makes
+    the sequence of augmentations repeatable (it still differs from image to image and epoch to epoch)."""
     steps = OmegaConf.to_container(augment.train if train else augment.eval, resolve=True)
     key = "augment.train" if train else "augment.eval"
     transforms = []
@@ -30,7 +33,7 @@ def build_transforms(augment: DictConfig, train: bool) -> A.Compose:
     if augment.mean is None or augment.std is None:
         raise LabelcompError("augment.mean / augment.std are not resolved; set them or let train resolve them")
     transforms += [A.Normalize(mean=list(augment.mean), std=list(augment.std)), ToTensorV2()]
-    return A.Compose(transforms)
+    return A.Compose(transforms, seed=seed)
 
 
 def _identity(images: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,13 @@ class ImageDataset(Dataset):
         return image, int(self.targets[index])
 
 
+def _seed_worker_augmentations(worker_id: int) -> None:
+    # every worker starts with a copy of the same Albumentations generator; torch gives each worker
+    # its own seed (drawn from the seeded main process), so derive the augmentation stream from it
+    dataset = torch.utils.data.get_worker_info().dataset
+    dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
 class ImageDataModule(L.LightningDataModule):
     """Train / validation / prediction loaders over frames with `path` (and `target`) columns."""
 
@@ -84,6 +91,7 @@ class ImageDataModule(L.LightningDataModule):
             drop_last=shuffle and len(dataset) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=_seed_worker_augmentations if self.num_workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:

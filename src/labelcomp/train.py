@@ -51,13 +51,13 @@ def prepare(config: DictConfig) -> tuple[Competition, pd.DataFrame]:
     check_stages(OmegaConf.to_container(config.finetune.stages, resolve=True))
     tta_views(config.tta)
     apply_weights_card(config.model)
+    build_model(config.model, competition.num_classes)
     if config.augment.mean is None or config.augment.std is None:
         mean, std = resolve_normalization(config.model)
         config.augment.mean = config.augment.mean or mean
         config.augment.std = config.augment.std or std
     build_transforms(config.augment, train=True)
     build_transforms(config.augment, train=False)
-    build_model(config.model, competition.num_classes)
     return competition, train
 
 
@@ -91,7 +91,7 @@ def fit_fold(
     data = ImageDataModule(
         batch_size=config.data.batch_size, num_workers=config.data.num_workers,
         train=train[~held_out], val=train[held_out],
-        train_transform=build_transforms(config.augment, train=True),
+        train_transform=build_transforms(config.augment, train=True, seed=config.seed),
         eval_transform=build_transforms(config.augment, train=False), cache=cache,
     )
     finetune = OmegaConf.to_container(config.finetune, resolve=True)

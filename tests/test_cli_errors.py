@@ -1,0 +1,70 @@
+"""Bad input: one clear line on stderr, exit code 2, no traceback, nothing written."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from labelcomp.cli import main
+from conftest import REPO, tiny_overrides
+
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+
+
+def _break_label(competition):
+    train = pd.read_csv(competition / "train.csv")
+    train.loc[0, "label"] = "dragons"
+    train.to_csv(competition / "train.csv", index=False)
+
+
+def _remove_image(competition):
+    (competition / "train_images" / pd.read_csv(competition / "train.csv")["image_id"][0]).unlink()
+
+
+CASES = {
+    "missing competition file": (lambda c: (c / "competition.yaml").unlink(), [], "competition.yaml: competition file not found"),
+    "missing train csv": (lambda c: (c / "train.csv").unlink(), [], "train.csv: file not found"),
+    "unknown label": (_break_label, [], "train.csv: row 2, column 'label': label 'dragons'"),
+    "missing image": (_remove_image, [], "1 image(s) not found"),
+    "unknown config key": (None, ["model.nme=resnet18"], "unknown config key 'model.nme'"),
+    "missing weights file": (None, ["model.pretrained=nowhere.pth"], "weights file 'nowhere.pth' not found"),
+    "weights of another architecture": (None, ["model.name=resnet18"], "holds mobilenetv2_035 weights"),
+    "unknown model": (None, ["model.name=resnet9000", "model.pretrained=false"], "'resnet9000' is not a timm model"),
+    "unknown augmentation": (None, ["augment.train=[{name: Sparkle}]"], "'Sparkle' is not an Albumentations transform"),
+    "unknown tta": (None, ["tta=spin"], "tta 'spin' is unknown"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_train_rejects_bad_input_with_one_line_and_writes_nothing(case, tmp_path, tiny_competition, capsys):
+    breaks, extra, expected = CASES[case]
+    if breaks:
+        breaks(tiny_competition)
+    assert main(["train", "--config", SMOKE, *tiny_overrides(tmp_path, tiny_competition), *extra]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("labelcomp: error: ") and stderr.count("\n") == 1
+    assert expected in stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "submissions").exists()
+
+
+def test_missing_config_value_is_named(capsys):
+    assert main(["train"]) == 2  # no --config: the defaults have no competition
+    assert "config key 'competition' has no value" in capsys.readouterr().err
+
+
+def test_submit_without_a_finished_run_says_what_to_do(tmp_path, tiny_competition, capsys):
+    assert main(["submit", "--config", SMOKE, *tiny_overrides(tmp_path, tiny_competition)]) == 2
+    assert "no finished run of experiment 'smoke'; train one first" in capsys.readouterr().err
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "labelcomp.cli", "train", "--config", SMOKE, "competition=" + str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"labelcomp: error: {tmp_path}/competition.yaml: competition file not found; "
+        "`competition` must be a folder holding competition.yaml"
+    ]

@@ -1,0 +1,133 @@
+"""Staged fine-tuning: the lr plan, frozen parameters and BatchNorm statistics, groups and schedule."""
+
+import math
+
+import lightning as L
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from omegaconf import OmegaConf
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from labelcomp.augment import build_transforms
+from labelcomp.competition import Competition
+from labelcomp.data import ImageDataModule
+from labelcomp.errors import LabelcompError
+from labelcomp.finetune import StagePlan, StagedFinetuning, check_stages, split_head
+from labelcomp.model import ClassifierModule
+from labelcomp.train import prepare
+from conftest import make_competition, tiny_config
+
+STAGES = [
+    {"epochs": 1, "train": "head", "lr": 0.01, "backbone_lr_mult": 0.1, "train_bn": False, "warmup_epochs": 0.0},
+    {"epochs": 2, "train": "all", "lr": 0.002, "backbone_lr_mult": 0.1, "train_bn": False, "warmup_epochs": 0.5},
+]
+
+
+def test_plan_warms_up_then_decays_within_each_stage():
+    plan = StagePlan(STAGES, steps_per_epoch=10, min_lr_ratio=0.0)
+    assert [plan.stage_at(epoch) for epoch in range(3)] == [0, 1, 1]
+    assert plan.lr("head", 0) == pytest.approx(0.01)  # no warmup in stage 1
+    assert plan.lr("head", 5) == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    # stage 2 starts at step 10 with 5 warmup steps, backbone at a tenth of the head
+    assert plan.lr("head", 10) == pytest.approx(0.002 / 5)
+    assert plan.lr("backbone", 14) == pytest.approx(0.0002)
+    assert plan.lr("backbone", 29) == pytest.approx(0.0002 * 0.5 * (1 + math.cos(math.pi * 14 / 15)))
+
+
+def test_unknown_stage_part_is_refused():
+    with pytest.raises(LabelcompError, match=r"finetune.stages\[1\].train is 'top:2'"):
+        check_stages([STAGES[0], {**STAGES[1], "train": "top:2"}])
+
+
+class Snapshots(Callback):
+    """State of the network before training and after each epoch, and the optimizer's group names."""
+
+    def __init__(self):
+        self.states = []
+        self.group_names = []
+
+    def _snapshot(self, module):
+        return {name: tensor.detach().clone() for name, tensor in module.net.state_dict().items()}
+
+    def on_train_start(self, trainer, module):
+        self.states.append(self._snapshot(module))
+
+    def on_train_epoch_end(self, trainer, module):
+        self.states.append(self._snapshot(module))
+        self.group_names.append([group["name"] for group in trainer.optimizers[0].param_groups])
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        frozen_bn = [m for m in split_head(module.net)[1] if isinstance(m, _BatchNorm) and not m.track_running_stats]
+        assert all(not m.training for m in frozen_bn)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """Two stages (head for 1 epoch, all for 2) on real images with the real pretrained backbone."""
+    tmp_path = tmp_path_factory.mktemp("finetune")
+    config = tiny_config(tmp_path, make_competition(tmp_path / "tiny"))
+    config.merge_with({"finetune": {"stages": STAGES}})
+    competition, train = prepare(config)
+    module = ClassifierModule(
+        model=OmegaConf.to_container(config.model), optim=OmegaConf.to_container(config.optim),
+        finetune=OmegaConf.to_container(config.finetune), num_classes=competition.num_classes,
+        metric="accuracy",
+    )
+    data = ImageDataModule(
+        batch_size=8, num_workers=0, train=train, val=train,
+        train_transform=build_transforms(config.augment, train=True),
+        eval_transform=build_transforms(config.augment, train=False),
+    )
+    snapshots = Snapshots()
+    lr_monitor = LearningRateMonitor(logging_interval="step")
+    trainer = L.Trainer(
+        max_epochs=3, accelerator="cpu", logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+        callbacks=[StagedFinetuning(STAGES, 0.01), snapshots, lr_monitor],
+    )
+    L.seed_everything(0)
+    trainer.fit(module, datamodule=data)
+    return module, snapshots, lr_monitor, trainer
+
+
+def _names(module, kind):
+    head = {f"{name}" for name, _ in module.net.get_classifier().named_parameters()}
+    classifier = [name for name, m in module.net.named_modules() if m is module.net.get_classifier()][0]
+    params = {name for name, _ in module.net.named_parameters()}
+    stats = {name for name in module.net.state_dict() if name.endswith(("running_mean", "running_var"))}
+    backbone = {name for name in params if not name.startswith(classifier + ".")}
+    assert head and backbone
+    return {"backbone": backbone, "stats": stats, "head": params - backbone}[kind]
+
+
+def test_head_stage_leaves_backbone_and_batchnorm_statistics_untouched(fitted):
+    module, snapshots, _, _ = fitted
+    before, after_head = snapshots.states[0], snapshots.states[1]
+    for name in _names(module, "backbone") | _names(module, "stats"):
+        assert torch.equal(before[name], after_head[name]), name
+    assert any(not torch.equal(before[name], after_head[name]) for name in _names(module, "head"))
+
+
+def test_all_layers_stage_moves_backbone_and_batchnorm_statistics(fitted):
+    module, snapshots, _, _ = fitted
+    after_head, after_all = snapshots.states[1], snapshots.states[3]
+    changed = [name for name in _names(module, "backbone") if not torch.equal(after_head[name], after_all[name])]
+    assert len(changed) == len(_names(module, "backbone"))
+    assert all(not torch.equal(after_head[name], after_all[name]) for name in _names(module, "stats"))
+
+
+def test_unfrozen_backbone_joins_optimizer_with_the_planned_lr(fitted):
+    module, snapshots, lr_monitor, trainer = fitted
+    assert snapshots.group_names == [["head"], ["head", "backbone"], ["head", "backbone"]]
+    steps_per_epoch = trainer.num_training_batches
+    plan = StagePlan(STAGES, steps_per_epoch, 0.01)
+    head_lrs = lr_monitor.lrs["lr-AdamW/head"]
+    backbone_lrs = lr_monitor.lrs["lr-AdamW/backbone"]
+    assert head_lrs == pytest.approx([plan.lr("head", step) for step in range(len(head_lrs))])
+    # the backbone group exists from the first step of stage 2 and follows warmup then cosine decay
+    first = steps_per_epoch
+    assert backbone_lrs == pytest.approx([plan.lr("backbone", first + i) for i in range(len(backbone_lrs))])
+    assert len(backbone_lrs) == 2 * steps_per_epoch
+    assert max(backbone_lrs) == pytest.approx(0.0002, rel=1e-6)
