@@ -33,6 +33,7 @@ CASES = {
     "unknown model": (None, ["model.name=resnet9000", "model.pretrained=false"], "'resnet9000' is not a timm model"),
     "unknown augmentation": (None, ["augment.train=[{name: Sparkle}]"], "'Sparkle' is not an Albumentations transform"),
     "unknown tta": (None, ["tta=spin"], "tta 'spin' is unknown"),
+    "more folds than images in a class": (None, ["cv.folds=11"], "fewer images than cv.folds=11"),
 }
 
 

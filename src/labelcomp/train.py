@@ -63,10 +63,10 @@ def prepare(config: DictConfig) -> tuple[Competition, pd.DataFrame]:
 
 def run(config: DictConfig) -> tuple[RunDir, dict[str, Any]]:
     competition, train = prepare(config)
+    folds = assign_folds(train, config.cv.folds, config.seed)
     run_dir = new_run(config.paths.runs, config.experiment)
     _logger.info("run %s in %s", run_dir.run_id, run_dir.root)
     save_config(config, run_dir.config)
-    folds = assign_folds(train, config.cv.folds, config.seed)
     write_csv_atomic(folds, run_dir.folds)
     cache: dict[str, np.ndarray] | None = {} if config.data.cache_images else None
     for fold in range(config.cv.folds):
