@@ -147,3 +147,15 @@ def test_smoke_config_trains_the_full_demo_from_the_command_line(tmp_path):
     assert len(scores["folds"]) == 2 and sum(row["n"] for row in scores["folds"]) == 2000
     # 20 classes: chance is 0.05; even one short epoch per stage on 32 px images learns something
     assert scores["oof_score"] > 0.08
+
+
+def test_another_backbone_trains_through_overrides(tmp_path):
+    """The README's example: another competition, another timm backbone, random init."""
+    competition = make_competition(tmp_path / "other", classes=3, train_per_class=6, test_images=4)
+    overrides = [*tiny_overrides(tmp_path, competition), "model.name=resnet18", "model.pretrained=false"]
+    assert main(["train", "--config", SMOKE, *overrides]) == 0
+    run = next((tmp_path / "runs" / "smoke").iterdir())
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["name"] == "resnet18"
+    assert len(_read(run / "oof.csv")) == 18
+    assert main(["submit", "--config", SMOKE, *overrides]) == 0
+    assert (tmp_path / "submissions" / f"{run.name}.csv").is_file()
