@@ -1,7 +1,6 @@
 """The k-fold loop: per fold build data, model and callbacks, fit, predict OOF; then scores and history.
 
-`run` is made of `fit_fold`, `predict_oof` and `write_scores`, each usable alone. A fold whose
-`oof.csv` exists is done and skipped.
+`run` is made of `fit_fold`, `predict_oof` and `write_scores`, each usable alone.
 """
 
 from __future__ import annotations
@@ -70,8 +69,6 @@ def run(config: DictConfig) -> tuple[RunDir, dict[str, Any]]:
     write_csv_atomic(folds, run_dir.folds)
     cache: dict[str, np.ndarray] | None = {} if config.data.cache_images else None
     for fold in range(config.cv.folds):
-        if run_dir.fold_oof(fold).exists():
-            continue
         checkpoint = fit_fold(config, competition, train, folds, fold, run_dir, cache)
         predict_oof(config, competition, train, folds, fold, checkpoint, run_dir, cache)
     scores = write_scores(run_dir, competition, config)
@@ -162,36 +159,32 @@ def _versions() -> dict[str, str]:
 def write_scores(run_dir: RunDir, competition: Competition, config: DictConfig) -> dict[str, Any]:
     """Per-fold and CV scores from the folds' OOF files; also the run's merged oof.csv / oof_tta.csv."""
     metric = METRICS[competition.spec.metric]
+    index = {label: position for position, label in enumerate(competition.labels)}
     order = pd.read_csv(run_dir.folds, dtype={"id": str})["id"]
-    merged = {}
-    for name, fold_path, run_path in (("plain", run_dir.fold_oof, run_dir.oof), ("tta", run_dir.fold_oof_tta, run_dir.oof_tta)):
-        frame = pd.concat([pd.read_csv(fold_path(k), dtype={"id": str}) for k in range(config.cv.folds)])
+
+    def merge(fold_path, run_path: Path) -> pd.DataFrame:
+        frame = pd.concat([pd.read_csv(fold_path(fold), dtype={"id": str}) for fold in range(config.cv.folds)])
         frame = frame.set_index("id").loc[order].reset_index()
         write_csv_atomic(frame, run_path)
-        merged[name] = frame
-    index = {label: position for position, label in enumerate(competition.labels)}
-    fold_rows = []
-    for fold in range(config.cv.folds):
-        row: dict[str, Any] = {"fold": fold}
-        for name, frame in merged.items():
-            part = frame[frame["fold"] == fold]
-            target, proba = part["label"].map(index).to_numpy(), part[competition.labels].to_numpy()
-            row["score" if name == "plain" else "score_tta"] = metric.score(target, proba)
-            if name == "plain":
-                row["loss"] = multiclass_log_loss(target, proba)
-                row["n"] = len(part)
-        fold_rows.append(row)
+        return frame
+
+    def evaluate(frame: pd.DataFrame, score) -> float:
+        return score(frame["label"].map(index).to_numpy(), frame[competition.labels].to_numpy())
+
+    plain, tta = merge(run_dir.fold_oof, run_dir.oof), merge(run_dir.fold_oof_tta, run_dir.oof_tta)
+    fold_rows = [
+        {"fold": fold, "n": int((plain["fold"] == fold).sum()),
+         "score": evaluate(plain[plain["fold"] == fold], metric.score),
+         "score_tta": evaluate(tta[tta["fold"] == fold], metric.score),
+         "loss": evaluate(plain[plain["fold"] == fold], multiclass_log_loss)}
+        for fold in range(config.cv.folds)
+    ]
     fold_scores = np.array([row["score"] for row in fold_rows])
-
-    def overall(frame: pd.DataFrame) -> float:
-        return metric.score(frame["label"].map(index).to_numpy(), frame[competition.labels].to_numpy())
-
     scores = {
         "run_id": run_dir.run_id, "metric": metric.name, "folds": fold_rows,
-        "cv_mean": float(fold_scores.mean()), "cv_std": float(fold_scores.std(ddof=1)) if len(fold_scores) > 1 else 0.0,
-        "oof_score": overall(merged["plain"]), "oof_tta_score": overall(merged["tta"]), "tta": config.tta,
-        "oof_loss": multiclass_log_loss(merged["plain"]["label"].map(index).to_numpy(),
-                                        merged["plain"][competition.labels].to_numpy()),
+        "cv_mean": float(fold_scores.mean()), "cv_std": float(fold_scores.std(ddof=1)),
+        "oof_score": evaluate(plain, metric.score), "oof_tta_score": evaluate(tta, metric.score), "tta": config.tta,
+        "oof_loss": evaluate(plain, multiclass_log_loss),
         "finished_at": datetime.now().isoformat(timespec="seconds"),
         "versions": _versions(), "git_commit": _git_commit(),
     }
