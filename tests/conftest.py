@@ -30,7 +30,12 @@ def make_competition(root: Path, classes: int = 4, train_per_class: int = 10, te
     picked.to_csv(root / "train.csv", index=False)
     pd.DataFrame({"image_id": test_ids}).to_csv(root / "test.csv", index=False)
     pd.DataFrame({"image_id": test_ids, "label": labels[0]}).to_csv(root / "sample_submission.csv", index=False)
-    spec = {"name": "tiny", "id_column": "image_id", "label_column": "label", "labels": labels, "metric": "accuracy"}
+    spec = {
+        "name": "tiny", "metric": "accuracy", "labels": labels,
+        "train": {"csv": "train.csv", "id_column": "image_id", "label_column": "label", "images": "train_images"},
+        "test": {"csv": "test.csv", "id_column": "image_id", "images": "test_images"},
+        "submission": {"sample": "sample_submission.csv", "id_column": "image_id", "label_column": "label"},
+    }
     (root / "competition.yaml").write_text(yaml.safe_dump(spec))
     return root
 

@@ -25,7 +25,7 @@ def _remove_image(competition):
 CASES = {
     "missing competition file": (lambda c: (c / "competition.yaml").unlink(), [], "competition.yaml: competition file not found"),
     "missing train csv": (lambda c: (c / "train.csv").unlink(), [], "train.csv: file not found"),
-    "unknown label": (_break_label, [], "train.csv: row 2, column 'label': label 'dragons'"),
+    "unknown label": (_break_label, [], "train.csv: line 2, column 'label': label 'dragons'"),
     "missing image": (_remove_image, [], "1 image(s) not found"),
     "unknown config key": (None, ["model.nme=resnet18"], "unknown config key 'model.nme'"),
     "missing weights file": (None, ["model.pretrained=nowhere.pth"], "weights file 'nowhere.pth' not found"),
@@ -67,5 +67,5 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"labelcomp: error: {tmp_path}/competition.yaml: competition file not found; "
-        "`competition` must be a folder holding competition.yaml"
+        "`competition` must be a folder holding competition.yaml (`labelcomp init FOLDER` writes one)"
     ]

@@ -69,7 +69,7 @@ def fitted(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("finetune")
     config = tiny_config(tmp_path, make_competition(tmp_path / "tiny"))
     config.merge_with({"finetune": {"stages": STAGES}})
-    competition, train = prepare(config)
+    competition, train, _, _ = prepare(config)
     module = ClassifierModule(
         model=OmegaConf.to_container(config.model), optim=OmegaConf.to_container(config.optim),
         finetune=OmegaConf.to_container(config.finetune), num_classes=competition.num_classes,

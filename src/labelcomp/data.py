@@ -21,10 +21,18 @@ cv2.setNumThreads(1)
 
 
 def read_image(path: str) -> np.ndarray:
-    """RGB uint8 array of shape (H, W, 3)."""
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    """RGB uint8 array of shape (H, W, 3), the same for train and test whatever the file holds:
+    grayscale, palette and 16-bit images are converted, alpha dropped, EXIF orientation applied."""
+    with open(path, "rb") as stream:
+        data = stream.read()
+    if not data:
+        raise LabelcompError(f"{path}: empty image file; replace or remove it")
+    # libjpeg decodes a cut-off JPEG with a grey bottom and only a warning; its end marker tells
+    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-1024:]:
+        raise LabelcompError(f"{path}: truncated JPEG (no end-of-image marker); replace or remove it")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
-        raise LabelcompError(f"{path}: cannot be decoded as an image; replace or remove the file")
+        raise LabelcompError(f"{path}: cannot be decoded as an image; replace or remove it")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

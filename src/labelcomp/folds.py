@@ -1,15 +1,38 @@
-"""Fold assignment with scikit-learn's StratifiedKFold, stored as the `fold` column of a run's folds.csv."""
+"""Fold assignment, stored as the `fold` column of a run's folds.csv.
+
+StratifiedKFold, or StratifiedGroupKFold where rows are tied together: by the competition's group
+column or by having identical pixels, so that no image is validated on a copy of itself.
+"""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedKFold
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from labelcomp.errors import LabelcompError
 
 
-def assign_folds(train: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
+def fold_groups(train: pd.DataFrame, duplicate_sets: list[list[int]]) -> Optional[np.ndarray]:
+    """A group number per row, joining rows with the same `group` value or identical pixels;
+    None when every row stands alone."""
+    by_group = list(train.reset_index(drop=True).groupby("group").indices.values()) if "group" in train else []
+    ties = [list(tie) for tie in by_group + duplicate_sets if len(tie) > 1]
+    if not ties:
+        return None
+    rows = np.concatenate([tie[:-1] for tie in ties])
+    cols = np.concatenate([tie[1:] for tie in ties])
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(train), len(train)))
+    return connected_components(graph, directed=False)[1]
+
+
+def assign_folds(
+    train: pd.DataFrame, n_folds: int, seed: int, groups: Optional[np.ndarray] = None, source: str = "train"
+) -> pd.DataFrame:
     """Columns id, label, fold; every class spread over every fold, the same for the same seed."""
     if n_folds < 2:
         raise LabelcompError(f"cv.folds is {n_folds}; k-fold cross-validation needs at least 2 folds")
@@ -17,11 +40,18 @@ def assign_folds(train: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
     too_small = counts[counts < n_folds]
     if not too_small.empty:
         raise LabelcompError(
-            f"classes {too_small.to_dict()} have fewer images than cv.folds={n_folds}; "
+            f"{source}: classes {too_small.to_dict()} have fewer images than cv.folds={n_folds}; "
             "lower cv.folds or add images"
         )
     fold = np.empty(len(train), dtype=int)
-    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for k, (_, held_out) in enumerate(splitter.split(np.zeros(len(train)), train["target"])):
+    if groups is None:
+        splits = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(
+            np.zeros(len(train)), train["target"])
+    else:
+        if len(np.unique(groups)) < n_folds:
+            raise LabelcompError(f"{source}: only {len(np.unique(groups))} groups of images for cv.folds={n_folds}")
+        splits = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(
+            np.zeros(len(train)), train["target"], groups)
+    for k, (_, held_out) in enumerate(splits):
         fold[held_out] = k
     return pd.DataFrame({"id": train["id"].to_numpy(), "label": train["label"].to_numpy(), "fold": fold})

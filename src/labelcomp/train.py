@@ -12,7 +12,7 @@ import subprocess
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import numpy as np
@@ -27,11 +27,12 @@ from labelcomp.competition import Competition
 from labelcomp.config import save_config
 from labelcomp.data import ImageDataModule
 from labelcomp.finetune import StagedFinetuning, check_stages
-from labelcomp.folds import assign_folds
+from labelcomp.folds import assign_folds, fold_groups
 from labelcomp.metrics import METRICS, multiclass_log_loss
 from labelcomp.model import ClassifierModule, apply_weights_card, build_model, resolve_normalization
 from labelcomp.predict import load_classifier, predict_views
 from labelcomp.runs import RunDir, new_run, write_csv_atomic, write_text_atomic
+from labelcomp.survey import survey
 
 _logger = logging.getLogger(__name__)
 
@@ -43,10 +44,19 @@ warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode at the start of 
 warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
 
 
-def prepare(config: DictConfig) -> tuple[Competition, pd.DataFrame]:
-    """Validate everything a run needs before its folder exists, so bad input leaves nothing behind."""
+class Prepared(NamedTuple):
+    competition: Competition
+    train: pd.DataFrame
+    folds: pd.DataFrame
+    cache: dict[str, np.ndarray] | None  # decoded training images, when data.cache_images is on
+
+
+def prepare(config: DictConfig) -> Prepared:
+    """Validate everything a run needs before its folder exists, so bad input leaves nothing behind:
+    the config, both splits and every image (decoded once; kept when caching), then the folds."""
     competition = Competition.load(config.competition)
     train = competition.read_train()
+    test = competition.read_test()
     check_stages(OmegaConf.to_container(config.finetune.stages, resolve=True))
     tta_views(config.tta)
     apply_weights_card(config.model)
@@ -57,17 +67,25 @@ def prepare(config: DictConfig) -> tuple[Competition, pd.DataFrame]:
         config.augment.std = config.augment.std or std
     build_transforms(config.augment, train=True)
     build_transforms(config.augment, train=False)
-    return competition, train
+    cache: dict[str, np.ndarray] | None = {} if config.data.cache_images else None
+    train_images = survey(train["path"].tolist(), cache)
+    train_images.raise_problems("training")
+    survey(test["path"].tolist()).raise_problems("test")
+    duplicates = train_images.duplicate_sets()
+    if duplicates:
+        _logger.info("%d sets of identical training images: each set is kept within one fold", len(duplicates))
+    groups = fold_groups(train, duplicates)
+    source = str(competition.root / (competition.spec.train.csv or competition.spec.train.images))
+    folds = assign_folds(train, config.cv.folds, config.seed, groups, source)
+    return Prepared(competition, train, folds, cache)
 
 
 def run(config: DictConfig) -> tuple[RunDir, dict[str, Any]]:
-    competition, train = prepare(config)
-    folds = assign_folds(train, config.cv.folds, config.seed)
+    competition, train, folds, cache = prepare(config)
     run_dir = new_run(config.paths.runs, config.experiment)
     _logger.info("run %s in %s", run_dir.run_id, run_dir.root)
     save_config(config, run_dir.config)
     write_csv_atomic(folds, run_dir.folds)
-    cache: dict[str, np.ndarray] | None = {} if config.data.cache_images else None
     for fold in range(config.cv.folds):
         checkpoint = fit_fold(config, competition, train, folds, fold, run_dir, cache)
         predict_oof(config, competition, train, folds, fold, checkpoint, run_dir, cache)

@@ -1,0 +1,64 @@
+"""Decode every image of a split once: unreadable files, exact duplicates (same pixels), sizes.
+
+Runs before a run folder exists, so a bad image stops a run before anything is written; the
+decoded images can go straight into the data cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from labelcomp.data import read_image
+from labelcomp.errors import LabelcompError
+
+
+@dataclass
+class Survey:
+    hashes: list[str]  # pixel digest per image; "" where unreadable
+    sizes: list[tuple[int, int]]  # (height, width) after EXIF orientation; (0, 0) where unreadable
+    problems: list[str]  # "path: reason", one per unreadable image
+
+    def duplicate_sets(self) -> list[list[int]]:
+        """Positions of images with identical pixels, one list per set of two or more."""
+        positions: dict[str, list[int]] = {}
+        for position, digest in enumerate(self.hashes):
+            if digest:
+                positions.setdefault(digest, []).append(position)
+        return [group for group in positions.values() if len(group) > 1]
+
+    def raise_problems(self, split: str) -> None:
+        if self.problems:
+            shown = "; ".join(self.problems[:10])
+            raise LabelcompError(
+                f"{len(self.problems)} unreadable {split} image(s): {shown}{' ...' if len(self.problems) > 10 else ''}"
+            )
+
+
+def _digest(image: np.ndarray) -> str:
+    return hashlib.blake2b(image.tobytes() + str(image.shape).encode(), digest_size=16).hexdigest()
+
+
+def survey(paths: list[str], cache: dict[str, np.ndarray] | None = None) -> Survey:
+    """Decode all `paths` with threads (cv2 releases the GIL); keep the decoded images in `cache` if given."""
+
+    def look(path: str) -> tuple[str, tuple[int, int], str]:
+        try:
+            image = read_image(path)
+        except LabelcompError as error:
+            return "", (0, 0), str(error)
+        if cache is not None:
+            cache[path] = image
+        return _digest(image), image.shape[:2], ""
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        results = list(pool.map(look, paths))
+    return Survey(
+        hashes=[digest for digest, _, _ in results],
+        sizes=[size for _, size, _ in results],
+        problems=[problem for _, _, problem in results if problem],
+    )
