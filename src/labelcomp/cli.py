@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. cv.folds=3")
         if name == "submit":
             command.add_argument("--run", help="run id (default: the experiment's latest finished run)")
+    init = commands.add_parser("init", help="guess a competition.yaml for a downloaded competition folder")
+    init.add_argument("folder")
+    init.add_argument("--force", action="store_true", help="overwrite an existing competition.yaml")
+    check = commands.add_parser("check", help="validate a competition folder and summarise its images")
+    check.add_argument("folder")
     return parser
 
 
@@ -53,7 +58,24 @@ def _compare(args: argparse.Namespace) -> None:
     print(compare_table(read_history(history_path(config.paths.submissions))))
 
 
-COMMANDS = {"train": _train, "submit": _submit, "compare": _compare}
+def _init(args: argparse.Namespace) -> None:
+    from labelcomp.discover import discover, write_spec
+
+    spec, notes = discover(args.folder)
+    path = write_spec(args.folder, spec, force=args.force)
+    print("\n".join(["guessed:", *(f"  {note}" for note in notes), f"wrote {path}; review it, then run "
+                     f"`labelcomp check {args.folder}`"]))
+
+
+def _check(args: argparse.Namespace) -> int:
+    from labelcomp.check import check_competition
+
+    report = check_competition(args.folder)
+    print(report.text())
+    return 2 if report.problems else 0
+
+
+COMMANDS = {"train": _train, "submit": _submit, "compare": _compare, "init": _init, "check": _check}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,14 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        COMMANDS[args.command](args)
+        return COMMANDS[args.command](args) or 0
     except LabelcompError as error:
         print(f"labelcomp: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("labelcomp: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,195 @@
+"""`labelcomp init`: guess a competition.yaml from a downloaded competition folder.
+
+Kaggle (train.csv + sample_submission.csv with a header), SIGNATE (train_master.tsv,
+label_master.tsv, sample_submit without a header) and folder layouts (one sub-folder per class).
+Every guess is printed so the user can review the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+import yaml
+
+from labelcomp.competition import IMAGE_EXTENSIONS, SEPARATORS, ImageIndex
+from labelcomp.errors import LabelcompError
+from labelcomp.runs import write_text_atomic
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
+LABEL_WORDS = ("label", "class", "category", "target", "y")
+
+
+def _guess_sep(path: Path) -> str:
+    with open(path, encoding="utf-8", errors="replace") as stream:
+        first = stream.readline()
+    return max(SEPARATORS, key=first.count) if any(sep in first for sep in SEPARATORS) else ","
+
+
+def _is_int(values: pd.Series) -> bool:
+    return len(values) > 0 and values.str.fullmatch(r"-?\d+").all()
+
+
+def _image_folders(root: Path) -> list[Path]:
+    """Folders holding image files (directly or below), nearest first."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        if any(name.lower().endswith(IMAGE_EXTENSIONS) for name in files):
+            path = Path(folder)
+            top = root / path.relative_to(root).parts[0] if path != root else root
+            if top not in found:
+                found.append(top)
+    return found
+
+
+class _Guess:
+    def __init__(self, root: Path):
+        self.root = root
+        self.notes: list[str] = []
+        self.tables = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES)
+        self.indexes = {folder: ImageIndex(folder) for folder in _image_folders(root)}
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def table(self, *words: str, exclude: tuple[str, ...] = ()) -> Optional[Path]:
+        for path in self.tables:
+            name = path.stem.lower()
+            if any(word in name for word in words) and not any(word in name for word in exclude):
+                return path
+        return None
+
+    def read(self, path: Path, header: bool = True) -> tuple[pd.DataFrame, str]:
+        sep = _guess_sep(path)
+        table = pd.read_csv(path, sep=sep, header=0 if header else None, dtype=str, keep_default_na=False)
+        table.columns = [str(column) for column in table.columns]
+        return table, sep
+
+    def folder_of(self, ids: pd.Series, exclude: Optional[Path] = None) -> tuple[Optional[Path], float]:
+        """The image folder where most of `ids` are found, and that share."""
+        best, share = None, 0.0
+        probe = ids.head(200)
+        for folder, index in self.indexes.items():
+            if folder == exclude:
+                continue
+            found = sum(index.find(str(image_id)) is not None for image_id in probe) / max(1, len(probe))
+            if found > share:
+                best, share = folder, found
+        return best, share
+
+    def id_column(self, table: pd.DataFrame, exclude: Optional[Path] = None) -> tuple[str, Optional[Path]]:
+        scored = [(self.folder_of(table[column], exclude), column) for column in table.columns]
+        (folder, share), column = max(scored, key=lambda item: item[0][1])
+        if share == 0:
+            return table.columns[0], None
+        return column, folder
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+
+def discover(root: str | Path) -> tuple[dict[str, Any], list[str]]:
+    """The competition.yaml content guessed for `root`, and one line per guess made."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LabelcompError(f"{root}: not a folder; give the folder of a downloaded competition")
+    guess = _Guess(root)
+    if not guess.indexes:
+        raise LabelcompError(f"{root}: no image files found ({', '.join(IMAGE_EXTENSIONS)}) in it or below it")
+    spec: dict[str, Any] = {"name": root.resolve().name, "metric": "accuracy"}
+    guess.note("metric: accuracy (set macro_f1 or logloss if the competition scores that way)")
+
+    label_master = guess.table("label_master", "labels", exclude=("train", "test", "sample"))
+    id_to_name: dict[str, str] = {}
+    if label_master is not None:
+        master, _ = guess.read(label_master)
+        id_col = next((c for c in master.columns if _is_int(master[c])), master.columns[0])
+        name_col = next((c for c in master.columns if c != id_col), id_col)
+        id_to_name = dict(zip(master[id_col], master[name_col]))
+        guess.note(f"label names from {label_master.name}: ids in '{id_col}', names in '{name_col}'")
+
+    train_table = guess.table("train")
+    train_folder = None
+    if train_table is not None:
+        train, sep = guess.read(train_table)
+        id_column, train_folder = guess.id_column(train)
+        if train_folder is None:
+            raise LabelcompError(f"{train_table}: none of its columns names image files found under {root}")
+        candidates = [c for c in train.columns if c != id_column]
+        if not candidates:
+            raise LabelcompError(f"{train_table}: no label column besides the id column '{id_column}'")
+        label_column = next((c for c in candidates if c.lower() in LABEL_WORDS or "label" in c.lower()),
+                            min(candidates, key=lambda c: train[c].nunique()))
+        written = pd.Series(sorted(train[label_column].str.strip().unique()))
+        if _is_int(written):
+            written = written.iloc[written.astype(int).argsort()]
+        written = written.tolist()
+        if id_to_name and set(written) <= set(id_to_name):
+            ids = sorted(id_to_name, key=lambda v: int(v) if v.lstrip("-").isdigit() else v)
+            spec["labels"], spec["label_ids"], train_format = [id_to_name[i] for i in ids], ids, "index"
+        else:
+            spec["labels"], train_format = written, "name"
+        spec["train"] = {"csv": guess.relative(train_table), "sep": sep, "id_column": id_column,
+                         "label_column": label_column, "label_format": train_format,
+                         "images": guess.relative(train_folder)}
+        guess.note(f"train: {train_table.name} separated by {SEPARATORS[sep]}, ids in '{id_column}', labels in "
+                   f"'{label_column}' written as {'names' if train_format == 'name' else 'class ids'}, images in {guess.relative(train_folder)}/")
+    else:
+        train_folder = next((f for f in guess.indexes if "train" in f.name.lower()), None)
+        if train_folder is None:
+            raise LabelcompError(f"{root}: found neither a train table (train*.csv/tsv) nor a train image folder")
+        classes = sorted(entry.name for entry in train_folder.iterdir() if entry.is_dir())
+        if len(classes) < 2:
+            raise LabelcompError(f"{train_folder}: expected one sub-folder per class, found {len(classes)}")
+        spec["labels"] = classes
+        spec["train"] = {"csv": None, "images": guess.relative(train_folder)}
+        guess.note(f"train: folder layout, {len(classes)} class folders in {guess.relative(train_folder)}/")
+    guess.note(f"labels: {len(spec['labels'])} classes: {spec['labels'][:5]}{' ...' if len(spec['labels']) > 5 else ''}")
+
+    sample_path = guess.table("sample")
+    test_table = guess.table("test", exclude=("sample",))
+    test_folder = None
+    if sample_path is not None:
+        first, sep = guess.read(sample_path, header=False)
+        header = guess.folder_of(first.iloc[:1, 0], exclude=train_folder)[1] == 0 and not _is_int(first.iloc[:1, 1])
+        sample = first.iloc[1:].reset_index(drop=True) if header else first
+        if header:
+            sample.columns = list(first.iloc[0])
+        id_column, test_folder = guess.id_column(sample, exclude=train_folder)
+        label_column = next(c for c in sample.columns if c != id_column)
+        values = sample[label_column].str.strip()
+        label_format = "name" if values.isin(spec["labels"]).all() and not (id_to_name and _is_int(values)) else "index"
+        spec["submission"] = {"sample": guess.relative(sample_path), "sep": sep, "header": bool(header),
+                              "id_column": id_column, "label_column": label_column, "label_format": label_format}
+        guess.note(f"submission: like {sample_path.name}, separated by {SEPARATORS[sep]}, "
+                   f"{'with' if header else 'without'} a header, ids in column '{id_column}', "
+                   f"labels in '{label_column}' as {'names' if label_format == 'name' else 'class ids'}")
+    else:
+        spec["submission"] = {"sample": None}
+        guess.note("submission: no sample found; labelcomp writes `id,label` with a header")
+    if test_table is not None:
+        table, sep = guess.read(test_table)
+        id_column, folder = guess.id_column(table, exclude=train_folder)
+        test_folder = test_folder or folder
+        spec["test"] = {"csv": guess.relative(test_table), "sep": sep, "id_column": id_column}
+        guess.note(f"test: ids in '{id_column}' of {test_table.name}")
+    else:
+        spec["test"] = {"csv": None}
+        guess.note("test: ids from the sample submission" if sample_path else "test: every image of the test folder")
+    test_folder = test_folder or next((f for f in guess.indexes if "test" in f.name.lower()), None)
+    if test_folder is None:
+        raise LabelcompError(f"{root}: found no test image folder")
+    spec["test"]["images"] = guess.relative(test_folder)
+    guess.note(f"test images in {guess.relative(test_folder)}/")
+    return spec, guess.notes
+
+
+def write_spec(root: str | Path, spec: dict[str, Any], force: bool = False) -> Path:
+    path = Path(root) / "competition.yaml"
+    if path.exists() and not force:
+        raise LabelcompError(f"{path}: already exists; review it, or pass --force to overwrite it")
+    write_text_atomic(path, yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
+    return path
