@@ -69,3 +69,18 @@ def test_console_script_prints_no_traceback(tmp_path):
         f"labelcomp: error: {tmp_path}/competition.yaml: competition file not found; "
         "`competition` must be a folder holding competition.yaml (`labelcomp init FOLDER` writes one)"
     ]
+
+
+def test_bad_image_is_one_stderr_line_from_the_real_process(tmp_path, tiny_competition):
+    """In a real process the logging handlers and OpenCV's own messages would show."""
+    image = tiny_competition / "train_images" / pd.read_csv(tiny_competition / "train.csv")["image_id"][3]
+    image.write_bytes(b"<html>not an image</html>")
+    result = subprocess.run(
+        [sys.executable, "-m", "labelcomp.cli", "train", "--config", SMOKE, *tiny_overrides(tmp_path, tiny_competition)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"labelcomp: error: 1 unreadable training image(s): {image}: cannot be decoded as an image; replace or remove it"
+    ]
+    assert not (tmp_path / "runs").exists()

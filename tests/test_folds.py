@@ -21,3 +21,31 @@ def test_classes_smaller_than_the_fold_count_are_refused(tiny_competition):
     train = Competition.load(tiny_competition).read_train()
     with pytest.raises(LabelcompError, match="fewer images than cv.folds=11"):
         assign_folds(train, 11, seed=0)
+
+
+def test_identical_images_and_groups_stay_in_one_fold(tiny_competition):
+    import shutil
+
+    from labelcomp.folds import fold_groups
+    from labelcomp.survey import survey
+
+    train = Competition.load(tiny_competition).read_train()
+    # three copies of one image under other ids, and a group column tying two more rows
+    for row in (10, 20, 30):
+        shutil.copy(train["path"][0], train["path"][row])
+    train["group"] = [f"g{i}" for i in range(len(train))]
+    train.loc[[5, 35], "group"] = "site-a"
+    images = survey(train["path"].tolist())
+    assert images.duplicate_sets() == [[0, 10, 20, 30]]
+    groups = fold_groups(train, images.duplicate_sets())
+    for seed in range(5):
+        folds = assign_folds(train, 4, seed=seed, groups=groups)["fold"]
+        assert folds[[0, 10, 20, 30]].nunique() == 1 and folds[[5, 35]].nunique() == 1
+        assert (pd.crosstab(folds, train["label"]) > 0).all().all()  # every class still in every fold
+
+
+def test_folds_without_ties_are_plain_stratified_k_fold(tiny_competition):
+    from labelcomp.folds import fold_groups
+
+    train = Competition.load(tiny_competition).read_train()
+    assert fold_groups(train, []) is None

@@ -81,8 +81,9 @@ COMMANDS = {"train": _train, "submit": _submit, "compare": _compare, "init": _in
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # Lightning's hardware and seed notices repeat for every fold; warnings still show
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed"):
+    # Lightning's hardware and seed notices and timm's weight-loading notices repeat for every fold;
+    # warnings still show
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed", "timm"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args) or 0

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from labelcomp.errors import LabelcompError
 from labelcomp.metrics import METRICS
@@ -123,6 +123,10 @@ class Competition:
             )
         try:
             spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CompetitionSpec), OmegaConf.load(spec_path)))
+        except ConfigKeyError as error:
+            parent = OmegaConf.select(OmegaConf.structured(CompetitionSpec), error.full_key.rpartition(".")[0] or "")
+            known = ", ".join(parent.keys()) if parent is not None else ""
+            raise LabelcompError(f"{spec_path}: unknown key '{error.full_key}'; known keys here: {known}") from None
         except OmegaConfBaseException as error:
             raise LabelcompError(f"{spec_path}: key '{error.full_key}': {error.msg.splitlines()[0]}") from None
         except Exception as error:  # yaml.YAMLError: not YAML at all
@@ -249,10 +253,10 @@ class Competition:
         unknown = ~written.isin(index)
         if unknown.any():
             row = int(np.flatnonzero(unknown)[0])
-            known = "label list" if spec.label_format == "name" else "label ids"
+            known, key = ("label list", "labels") if spec.label_format == "name" else ("label ids", "label_ids")
             raise LabelcompError(
                 f"{path}: line {row + 2}, column '{spec.label_column}': label '{written.iloc[row]}' is not in the "
-                f"competition's {known} ({int(unknown.sum())} such rows); add it to 'labels' in {self.spec_path} "
+                f"competition's {known} ({int(unknown.sum())} such rows); add it to '{key}' in {self.spec_path} "
                 "or fix the rows"
             )
         ids = table[spec.id_column].str.strip()

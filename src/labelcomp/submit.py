@@ -15,6 +15,7 @@ from labelcomp.config import load_config
 from labelcomp.errors import LabelcompError
 from labelcomp.predict import predict_folds
 from labelcomp.runs import find_run, write_csv_atomic
+from labelcomp.survey import survey
 
 _logger = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ def submit(config: DictConfig, run_id: str | None = None, overrides: list[str] |
     run_config = load_config(run.config, overrides)
     competition = Competition.load(run_config.competition)
     test = competition.read_test()
+    survey(test["path"].tolist()).raise_problems("test")
     checkpoints = [run.checkpoint(fold) for fold in range(run_config.cv.folds)]
     missing = [str(path) for path in checkpoints if not path.is_file()]
     if missing:

@@ -42,6 +42,8 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode at the start of training.*")
 # a fold folder holds its checkpoint beside its logs folder
 warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
+# raised inside Lightning against newer torch, once per fit; nothing for a user to act on
+warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 
 
 class Prepared(NamedTuple):
@@ -57,16 +59,6 @@ def prepare(config: DictConfig) -> Prepared:
     competition = Competition.load(config.competition)
     train = competition.read_train()
     test = competition.read_test()
-    check_stages(OmegaConf.to_container(config.finetune.stages, resolve=True))
-    tta_views(config.tta)
-    apply_weights_card(config.model)
-    build_model(config.model, competition.num_classes)
-    if config.augment.mean is None or config.augment.std is None:
-        mean, std = resolve_normalization(config.model)
-        config.augment.mean = config.augment.mean or mean
-        config.augment.std = config.augment.std or std
-    build_transforms(config.augment, train=True)
-    build_transforms(config.augment, train=False)
     cache: dict[str, np.ndarray] | None = {} if config.data.cache_images else None
     train_images = survey(train["path"].tolist(), cache)
     train_images.raise_problems("training")
@@ -74,9 +66,19 @@ def prepare(config: DictConfig) -> Prepared:
     duplicates = train_images.duplicate_sets()
     if duplicates:
         _logger.info("%d sets of identical training images: each set is kept within one fold", len(duplicates))
-    groups = fold_groups(train, duplicates)
     source = str(competition.root / (competition.spec.train.csv or competition.spec.train.images))
-    folds = assign_folds(train, config.cv.folds, config.seed, groups, source)
+    folds = assign_folds(train, config.cv.folds, config.seed, fold_groups(train, duplicates), source)
+    check_stages(OmegaConf.to_container(config.finetune.stages, resolve=True))
+    tta_views(config.tta)
+    apply_weights_card(config.model)
+    build_model(config.model, competition.num_classes)
+    _logger.info("backbone %s, pretrained: %s", config.model.name, config.model.pretrained)
+    if config.augment.mean is None or config.augment.std is None:
+        mean, std = resolve_normalization(config.model)
+        config.augment.mean = config.augment.mean or mean
+        config.augment.std = config.augment.std or std
+    build_transforms(config.augment, train=True)
+    build_transforms(config.augment, train=False)
     return Prepared(competition, train, folds, cache)
 
 
