@@ -49,3 +49,19 @@ def test_folds_without_ties_are_plain_stratified_k_fold(tiny_competition):
 
     train = Competition.load(tiny_competition).read_train()
     assert fold_groups(train, []) is None
+
+
+def test_group_column_of_the_competition_switches_to_group_folds(tiny_competition):
+    import yaml
+
+    from labelcomp.folds import fold_groups
+
+    table = pd.read_csv(tiny_competition / "train.csv")
+    table["site"] = [f"site{i % 8}" for i in range(len(table))]  # 8 sites, each spanning several classes
+    table.to_csv(tiny_competition / "train.csv", index=False)
+    spec = yaml.safe_load((tiny_competition / "competition.yaml").read_text())
+    spec["train"]["group_column"] = "site"
+    (tiny_competition / "competition.yaml").write_text(yaml.safe_dump(spec))
+    train = Competition.load(tiny_competition).read_train()
+    folds = assign_folds(train, 4, seed=0, groups=fold_groups(train, []))
+    assert (pd.crosstab(train["group"], folds["fold"]) > 0).sum(axis=1).eq(1).all()  # each site in one fold

@@ -99,3 +99,22 @@ def test_every_mode_decodes_to_rgb_uint8(tmp_path, mode):
     assert decoded.dtype == np.uint8 and decoded.shape == expected.shape
     tolerance = 12 if path.suffix.lower() == ".jpg" else 1
     assert np.abs(decoded.astype(int) - expected.astype(int)).mean() < tolerance
+
+
+def test_init_recovers_the_demo_spec_and_keeps_an_existing_file(tmp_path, capsys):
+    import shutil
+    from dataclasses import replace
+
+    from labelcomp.competition import Competition
+    from conftest import DEMO
+
+    copy = tmp_path / "demo"
+    shutil.copytree(DEMO, copy, ignore=shutil.ignore_patterns("competition.yaml", "weights"))
+    assert main(["init", str(copy)]) == 0
+    guessed, shipped = Competition.load(copy).spec, Competition.load(DEMO).spec
+    assert replace(guessed, name="demo") == shipped
+    written = (copy / "competition.yaml").read_text()
+    assert main(["init", str(copy)]) == 2
+    assert "already exists; review it, or pass --force" in capsys.readouterr().err
+    assert (copy / "competition.yaml").read_text() == written
+    assert main(["init", str(copy), "--force"]) == 0
