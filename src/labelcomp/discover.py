@@ -91,6 +91,101 @@ class _Guess:
         return path.relative_to(self.root).as_posix()
 
 
+def _label_master(guess: _Guess) -> dict[str, str]:
+    """SIGNATE's label_master: class id -> class name, in the file's order."""
+    path = guess.table("label_master", "labels", exclude=("train", "test", "sample"))
+    if path is None:
+        return {}
+    master, _ = guess.read(path)
+    id_col = next((c for c in master.columns if _is_int(master[c])), master.columns[0])
+    name_col = next((c for c in master.columns if c != id_col), id_col)
+    guess.note(f"label names from {path.name}: ids in '{id_col}', names in '{name_col}'")
+    return dict(zip(master[id_col], master[name_col]))
+
+
+def _train_from_table(guess: _Guess, path: Path, id_to_name: dict[str, str]) -> tuple[dict, list[str], dict]:
+    """(train section, labels, extra top-level keys) from a train table."""
+    train, sep = guess.read(path)
+    id_column, folder = guess.id_column(train)
+    if folder is None:
+        raise LabelcompError(f"{path}: none of its columns names image files found under {guess.root}")
+    candidates = [c for c in train.columns if c != id_column]
+    if not candidates:
+        raise LabelcompError(f"{path}: no label column besides the id column '{id_column}'")
+    label_column = next((c for c in candidates if c.lower() in LABEL_WORDS or "label" in c.lower()),
+                        min(candidates, key=lambda c: train[c].nunique()))
+    written = pd.Series(sorted(train[label_column].str.strip().unique()))
+    if _is_int(written):
+        written = written.iloc[written.astype(int).argsort()]
+    extra = {}
+    if id_to_name and set(written) <= set(id_to_name):
+        ids = list(id_to_name)
+        labels, extra["label_ids"], label_format = [id_to_name[i] for i in ids], ids, "index"
+    else:
+        labels, label_format = written.tolist(), "name"
+    guess.note(f"train: {path.name} separated by {SEPARATORS[sep]}, ids in '{id_column}', labels in "
+               f"'{label_column}' written as {'names' if label_format == 'name' else 'class ids'}, "
+               f"images in {guess.relative(folder)}/")
+    section = {"csv": guess.relative(path), "sep": sep, "id_column": id_column, "label_column": label_column,
+               "label_format": label_format, "images": guess.relative(folder)}
+    return section, labels, extra
+
+
+def _train_from_folders(guess: _Guess) -> tuple[dict, list[str]]:
+    folder = next((f for f in guess.indexes if "train" in f.name.lower()), None)
+    if folder is None:
+        raise LabelcompError(f"{guess.root}: found neither a train table (train*.csv/tsv) nor a train image folder")
+    classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
+    if len(classes) < 2:
+        raise LabelcompError(f"{folder}: expected one sub-folder per class, found {len(classes)}")
+    guess.note(f"train: folder layout, {len(classes)} class folders in {guess.relative(folder)}/")
+    return {"csv": None, "images": guess.relative(folder)}, classes
+
+
+def _submission(guess: _Guess, labels: list[str], by_id: bool, train_folder: Path) -> tuple[dict, Optional[Path]]:
+    """The submission section guessed from the sample (header or not, columns, label format), and
+    the folder its ids point into."""
+    path = guess.table("sample")
+    if path is None:
+        guess.note("submission: no sample found; labelcomp writes `id,label` with a header")
+        return {"sample": None}, None
+    first, sep = guess.read(path, header=False)
+    # a header's first field names no image and its second is no class id
+    header = guess.folder_of(first.iloc[:1, 0], exclude=train_folder)[1] == 0 and not _is_int(first.iloc[:1, 1])
+    sample = first.iloc[1:].reset_index(drop=True) if header else first
+    if header:
+        sample.columns = list(first.iloc[0])
+    id_column, folder = guess.id_column(sample, exclude=train_folder)
+    label_column = next(c for c in sample.columns if c != id_column)
+    values = sample[label_column].str.strip()
+    label_format = "name" if values.isin(labels).all() and not (by_id and _is_int(values)) else "index"
+    guess.note(f"submission: like {path.name}, separated by {SEPARATORS[sep]}, "
+               f"{'with' if header else 'without'} a header, ids in column '{id_column}', "
+               f"labels in '{label_column}' as {'names' if label_format == 'name' else 'class ids'}")
+    return {"sample": guess.relative(path), "sep": sep, "header": bool(header), "id_column": id_column,
+            "label_column": label_column, "label_format": label_format}, folder
+
+
+def _test(guess: _Guess, has_sample: bool, sample_folder: Optional[Path], train_folder: Path) -> dict:
+    path = guess.table("test", exclude=("sample",))
+    folder = sample_folder
+    if path is not None:
+        table, sep = guess.read(path)
+        id_column, table_folder = guess.id_column(table, exclude=train_folder)
+        folder = folder or table_folder
+        section = {"csv": guess.relative(path), "sep": sep, "id_column": id_column}
+        guess.note(f"test: ids in '{id_column}' of {path.name}")
+    else:
+        section = {"csv": None}
+        guess.note("test: ids from the sample submission" if has_sample else "test: every image of the test folder")
+    folder = folder or next((f for f in guess.indexes if "test" in f.name.lower()), None)
+    if folder is None:
+        raise LabelcompError(f"{guess.root}: found no test image folder")
+    section["images"] = guess.relative(folder)
+    guess.note(f"test images in {guess.relative(folder)}/")
+    return section
+
+
 def discover(root: str | Path) -> tuple[dict[str, Any], list[str]]:
     """The competition.yaml content guessed for `root`, and one line per guess made."""
     root = Path(root)
@@ -101,89 +196,17 @@ def discover(root: str | Path) -> tuple[dict[str, Any], list[str]]:
         raise LabelcompError(f"{root}: no image files found ({', '.join(IMAGE_EXTENSIONS)}) in it or below it")
     spec: dict[str, Any] = {"name": root.resolve().name, "metric": "accuracy"}
     guess.note("metric: accuracy (set macro_f1 or logloss if the competition scores that way)")
-
-    label_master = guess.table("label_master", "labels", exclude=("train", "test", "sample"))
-    id_to_name: dict[str, str] = {}
-    if label_master is not None:
-        master, _ = guess.read(label_master)
-        id_col = next((c for c in master.columns if _is_int(master[c])), master.columns[0])
-        name_col = next((c for c in master.columns if c != id_col), id_col)
-        id_to_name = dict(zip(master[id_col], master[name_col]))
-        guess.note(f"label names from {label_master.name}: ids in '{id_col}', names in '{name_col}'")
-
+    id_to_name = _label_master(guess)
     train_table = guess.table("train")
-    train_folder = None
     if train_table is not None:
-        train, sep = guess.read(train_table)
-        id_column, train_folder = guess.id_column(train)
-        if train_folder is None:
-            raise LabelcompError(f"{train_table}: none of its columns names image files found under {root}")
-        candidates = [c for c in train.columns if c != id_column]
-        if not candidates:
-            raise LabelcompError(f"{train_table}: no label column besides the id column '{id_column}'")
-        label_column = next((c for c in candidates if c.lower() in LABEL_WORDS or "label" in c.lower()),
-                            min(candidates, key=lambda c: train[c].nunique()))
-        written = pd.Series(sorted(train[label_column].str.strip().unique()))
-        if _is_int(written):
-            written = written.iloc[written.astype(int).argsort()]
-        written = written.tolist()
-        if id_to_name and set(written) <= set(id_to_name):
-            ids = sorted(id_to_name, key=lambda v: int(v) if v.lstrip("-").isdigit() else v)
-            spec["labels"], spec["label_ids"], train_format = [id_to_name[i] for i in ids], ids, "index"
-        else:
-            spec["labels"], train_format = written, "name"
-        spec["train"] = {"csv": guess.relative(train_table), "sep": sep, "id_column": id_column,
-                         "label_column": label_column, "label_format": train_format,
-                         "images": guess.relative(train_folder)}
-        guess.note(f"train: {train_table.name} separated by {SEPARATORS[sep]}, ids in '{id_column}', labels in "
-                   f"'{label_column}' written as {'names' if train_format == 'name' else 'class ids'}, images in {guess.relative(train_folder)}/")
+        spec["train"], spec["labels"], extra = _train_from_table(guess, train_table, id_to_name)
+        spec.update(extra)
     else:
-        train_folder = next((f for f in guess.indexes if "train" in f.name.lower()), None)
-        if train_folder is None:
-            raise LabelcompError(f"{root}: found neither a train table (train*.csv/tsv) nor a train image folder")
-        classes = sorted(entry.name for entry in train_folder.iterdir() if entry.is_dir())
-        if len(classes) < 2:
-            raise LabelcompError(f"{train_folder}: expected one sub-folder per class, found {len(classes)}")
-        spec["labels"] = classes
-        spec["train"] = {"csv": None, "images": guess.relative(train_folder)}
-        guess.note(f"train: folder layout, {len(classes)} class folders in {guess.relative(train_folder)}/")
+        spec["train"], spec["labels"] = _train_from_folders(guess)
     guess.note(f"labels: {len(spec['labels'])} classes: {spec['labels'][:5]}{' ...' if len(spec['labels']) > 5 else ''}")
-
-    sample_path = guess.table("sample")
-    test_table = guess.table("test", exclude=("sample",))
-    test_folder = None
-    if sample_path is not None:
-        first, sep = guess.read(sample_path, header=False)
-        header = guess.folder_of(first.iloc[:1, 0], exclude=train_folder)[1] == 0 and not _is_int(first.iloc[:1, 1])
-        sample = first.iloc[1:].reset_index(drop=True) if header else first
-        if header:
-            sample.columns = list(first.iloc[0])
-        id_column, test_folder = guess.id_column(sample, exclude=train_folder)
-        label_column = next(c for c in sample.columns if c != id_column)
-        values = sample[label_column].str.strip()
-        label_format = "name" if values.isin(spec["labels"]).all() and not (id_to_name and _is_int(values)) else "index"
-        spec["submission"] = {"sample": guess.relative(sample_path), "sep": sep, "header": bool(header),
-                              "id_column": id_column, "label_column": label_column, "label_format": label_format}
-        guess.note(f"submission: like {sample_path.name}, separated by {SEPARATORS[sep]}, "
-                   f"{'with' if header else 'without'} a header, ids in column '{id_column}', "
-                   f"labels in '{label_column}' as {'names' if label_format == 'name' else 'class ids'}")
-    else:
-        spec["submission"] = {"sample": None}
-        guess.note("submission: no sample found; labelcomp writes `id,label` with a header")
-    if test_table is not None:
-        table, sep = guess.read(test_table)
-        id_column, folder = guess.id_column(table, exclude=train_folder)
-        test_folder = test_folder or folder
-        spec["test"] = {"csv": guess.relative(test_table), "sep": sep, "id_column": id_column}
-        guess.note(f"test: ids in '{id_column}' of {test_table.name}")
-    else:
-        spec["test"] = {"csv": None}
-        guess.note("test: ids from the sample submission" if sample_path else "test: every image of the test folder")
-    test_folder = test_folder or next((f for f in guess.indexes if "test" in f.name.lower()), None)
-    if test_folder is None:
-        raise LabelcompError(f"{root}: found no test image folder")
-    spec["test"]["images"] = guess.relative(test_folder)
-    guess.note(f"test images in {guess.relative(test_folder)}/")
+    train_folder = root / spec["train"]["images"]
+    spec["submission"], sample_folder = _submission(guess, spec["labels"], bool(id_to_name), train_folder)
+    spec["test"] = _test(guess, spec["submission"]["sample"] is not None, sample_folder, train_folder)
     return spec, guess.notes
 
 
