@@ -14,7 +14,7 @@ from labelcomp.augment import build_transforms
 from labelcomp.competition import Competition
 from labelcomp.data import ImageDataModule
 from labelcomp.errors import LabelcompError
-from labelcomp.finetune import StagePlan, StagedFinetuning, check_stages, split_head
+from labelcomp.finetune import StagePlan, StagedFinetuning, block_groups, check_stages
 from labelcomp.model import ClassifierModule
 from labelcomp.train import prepare
 from conftest import make_competition, tiny_config
@@ -26,19 +26,23 @@ STAGES = [
 
 
 def test_plan_warms_up_then_decays_within_each_stage():
-    plan = StagePlan(STAGES, steps_per_epoch=10, min_lr_ratio=0.0)
+    plan = StagePlan(STAGES, steps_per_epoch=10, min_lr_ratio=0.0, n_groups=4)
     assert [plan.stage_at(epoch) for epoch in range(3)] == [0, 1, 1]
     assert plan.lr("head", 0) == pytest.approx(0.01)  # no warmup in stage 1
     assert plan.lr("head", 5) == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     # stage 2 starts at step 10 with 5 warmup steps, backbone at a tenth of the head
     assert plan.lr("head", 10) == pytest.approx(0.002 / 5)
-    assert plan.lr("backbone", 14) == pytest.approx(0.0002)
-    assert plan.lr("backbone", 29) == pytest.approx(0.0002 * 0.5 * (1 + math.cos(math.pi * 14 / 15)))
+    assert plan.lr("backbone.0", 14) == pytest.approx(0.0002)
+    assert plan.lr("backbone.3", 29) == pytest.approx(0.0002 * 0.5 * (1 + math.cos(math.pi * 14 / 15)))
+    # layer-wise decay: each block group further from the head gets another factor
+    decayed = StagePlan([{**STAGES[1], "layer_decay": 0.5}], steps_per_epoch=10, min_lr_ratio=0.0, n_groups=4)
+    assert [decayed.lr(f"backbone.{i}", 4) for i in range(4)] == pytest.approx(  # end of warmup: the peak
+        [0.002 * 0.5 ** (4 - i) for i in range(4)])
 
 
 def test_unknown_stage_part_is_refused():
-    with pytest.raises(LabelcompError, match=r"finetune.stages\[1\].train is 'top:2'"):
-        check_stages([STAGES[0], {**STAGES[1], "train": "top:2"}])
+    with pytest.raises(LabelcompError, match=r"finetune.stages\[1\].train is 'middle'"):
+        check_stages([STAGES[0], {**STAGES[1], "train": "middle"}])
 
 
 class Snapshots(Callback):
@@ -59,7 +63,8 @@ class Snapshots(Callback):
         self.group_names.append([group["name"] for group in trainer.optimizers[0].param_groups])
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        frozen_bn = [m for m in split_head(module.net)[1] if isinstance(m, _BatchNorm) and not m.track_running_stats]
+        frozen_bn = [m for modules in block_groups(module.net) for m in modules
+                     if isinstance(m, _BatchNorm) and not m.track_running_stats]
         assert all(not m.training for m in frozen_bn)
 
 
@@ -120,14 +125,69 @@ def test_all_layers_stage_moves_backbone_and_batchnorm_statistics(fitted):
 
 def test_unfrozen_backbone_joins_optimizer_with_the_planned_lr(fitted):
     module, snapshots, lr_monitor, trainer = fitted
-    assert snapshots.group_names == [["head"], ["head", "backbone"], ["head", "backbone"]]
+    blocks = [f"backbone.{i}" for i in range(len(block_groups(module.net)))]
+    assert len(blocks) == 8  # mobilenetv2: stem, 7 stages of blocks (+ conv_head)
+    assert snapshots.group_names == [["head"], ["head", *blocks], ["head", *blocks]]
     steps_per_epoch = trainer.num_training_batches
-    plan = StagePlan(STAGES, steps_per_epoch, 0.01)
+    plan = StagePlan(STAGES, steps_per_epoch, 0.01, len(blocks))
     head_lrs = lr_monitor.lrs["lr-AdamW/head"]
-    backbone_lrs = lr_monitor.lrs["lr-AdamW/backbone"]
     assert head_lrs == pytest.approx([plan.lr("head", step) for step in range(len(head_lrs))])
-    # the backbone group exists from the first step of stage 2 and follows warmup then cosine decay
-    first = steps_per_epoch
-    assert backbone_lrs == pytest.approx([plan.lr("backbone", first + i) for i in range(len(backbone_lrs))])
-    assert len(backbone_lrs) == 2 * steps_per_epoch
-    assert max(backbone_lrs) == pytest.approx(0.0002, rel=1e-6)
+    # every block group exists from the first step of stage 2 and follows warmup then cosine decay
+    for block in blocks:
+        lrs = lr_monitor.lrs[f"lr-AdamW/{block}"]
+        assert len(lrs) == 2 * steps_per_epoch
+        assert lrs == pytest.approx([plan.lr(block, steps_per_epoch + i) for i in range(len(lrs))])
+        assert max(lrs) == pytest.approx(0.0002, rel=1e-6)
+
+
+ARCHITECTURES = {
+    "resnet10t": {}, "efficientnet_b0": {}, "mobilenetv2_035": {}, "mobilenetv3_small_050": {},
+    "convnext_atto": {}, "vit_tiny_patch16_224": {"img_size": 32},
+}
+THREE_STAGES = [
+    {"epochs": 1, "train": "head", "lr": 0.01, "backbone_lr_mult": 0.1, "train_bn": False, "warmup_epochs": 0.0},
+    {"epochs": 1, "train": "top:2", "lr": 0.003, "backbone_lr_mult": 0.3, "train_bn": False, "warmup_epochs": 0.0},
+    {"epochs": 1, "train": "all", "lr": 0.001, "layer_decay": 0.7, "backbone_lr_mult": 0.1, "train_bn": False,
+     "warmup_epochs": 0.0},
+]
+
+
+class TrainedGroups(Callback):
+    """Which block groups have trainable parameters at the first step of each epoch."""
+
+    def __init__(self):
+        self.per_epoch = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == 0:
+            groups = block_groups(module.net)
+            trainable = [i for i, modules in enumerate(groups)
+                         if any(p.requires_grad for m in modules for p in m.parameters(recurse=False))]
+            names = [group["name"] for group in trainer.optimizers[0].param_groups]
+            self.per_epoch.append((len(groups), trainable, names))
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_every_architecture_trains_through_head_top_and_all_stages(name):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    module = ClassifierModule(
+        model={"name": name, "pretrained": False, "pretrained_cfg": {}, "kwargs": ARCHITECTURES[name],
+               "drop_rate": 0.0, "zero_init_head": True},
+        optim={"name": "adamw", "weight_decay": 0.0, "label_smoothing": 0.0},
+        finetune={"stages": THREE_STAGES, "min_lr_ratio": 0.01}, num_classes=3, metric="accuracy",
+    )
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 3, 32, 32, generator=generator), torch.randint(0, 3, (8,), generator=generator))
+    recorder = TrainedGroups()
+    trainer = L.Trainer(
+        max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_train_batches=1, limit_val_batches=1,
+        callbacks=[StagedFinetuning(THREE_STAGES, 0.01), recorder],
+    )
+    trainer.fit(module, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+    (n, head_only, head_names), (_, top, top_names), (_, every, all_names) = recorder.per_epoch
+    assert n >= 3, "timm's group_matcher found too few block groups"
+    assert head_only == [] and head_names == ["head"]
+    assert top == [n - 2, n - 1] and top_names == ["head", f"backbone.{n - 2}", f"backbone.{n - 1}"]
+    assert every == list(range(n)) and sorted(all_names) == sorted(["head", *(f"backbone.{i}" for i in range(n))])

@@ -69,21 +69,20 @@ class AugmentConfig:
 @dataclass
 class StageConfig:
     epochs: int = 1
-    train: str = "head"  # head | all
+    train: str = "head"  # head | top:N (the last N block groups of timm's group_matcher) | all
     lr: float = 1e-3  # learning rate of the head
-    backbone_lr_mult: float = 0.1  # backbone lr = lr * backbone_lr_mult
-    train_bn: bool = False  # BatchNorm layers of frozen parts train (weights and running statistics)
+    backbone_lr_mult: float = 0.1  # block groups' lr = lr * backbone_lr_mult ...
+    layer_decay: Optional[float] = None  # ... or lr * layer_decay ** (depth below the head)
+    train_bn: bool = False  # BatchNorm layers of frozen block groups train (weights and running statistics)
     warmup_epochs: float = 0.0
 
 
 @dataclass
 class FinetuneConfig:
-    stages: list[StageConfig] = field(
-        default_factory=lambda: [
-            StageConfig(epochs=1, train="head", lr=1e-2),
-            StageConfig(epochs=5, train="all", lr=1e-3, backbone_lr_mult=0.1, warmup_epochs=0.5),
-        ]
-    )
+    # a named recipe over `epochs` epochs: head | freeze_unfreeze | gradual; `stages` overrides it
+    preset: Optional[str] = "freeze_unfreeze"
+    epochs: int = 6
+    stages: list[StageConfig] = field(default_factory=list)
     min_lr_ratio: float = 0.01  # the cosine decay of each stage ends at lr * min_lr_ratio
 
 

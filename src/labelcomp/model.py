@@ -21,7 +21,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from labelcomp.errors import LabelcompError
-from labelcomp.finetune import BACKBONE, HEAD, StagePlan, plan_for
+from labelcomp.finetune import BACKBONE, HEAD, StagePlan, block_groups, plan_for
 from labelcomp.metrics import METRICS
 
 _logger = logging.getLogger(__name__)
@@ -168,16 +168,18 @@ class ClassifierModule(L.LightningModule):
             self.log(self.metric.monitor, self.val_metric, prog_bar=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        head_ids = {id(p) for p in self.net.get_classifier().parameters()}
-        trainable = [p for p in self.net.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in trainable if id(p) in head_ids], "name": HEAD},
-            {"params": [p for p in trainable if id(p) not in head_ids], "name": BACKBONE},
+        """An optimizer over what is trainable now (the finetune callback has applied the first
+        stage): the head, and a group per backbone block group; later stages add groups."""
+        head = [p for p in self.net.get_classifier().parameters() if p.requires_grad]
+        groups = [{"params": head, "name": HEAD}] + [
+            {"params": [p for module in modules for p in module.parameters(recurse=False) if p.requires_grad],
+             "name": f"{BACKBONE}.{index}"}
+            for index, modules in enumerate(block_groups(self.net))
         ]
         finetune = self.hparams.finetune
         optimizer = create_optimizer_v2(
             [group for group in groups if group["params"]], opt=self.hparams.optim["name"],
             lr=finetune["stages"][0]["lr"], weight_decay=self.hparams.optim["weight_decay"],
         )
-        plan = plan_for(self.trainer, finetune["stages"], finetune["min_lr_ratio"])
+        plan = plan_for(self.trainer, self.net, finetune["stages"], finetune["min_lr_ratio"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": StagedLR(optimizer, plan), "interval": "step"}}

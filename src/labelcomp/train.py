@@ -26,7 +26,7 @@ from labelcomp.augment import build_transforms, tta_views
 from labelcomp.competition import Competition
 from labelcomp.config import save_config
 from labelcomp.data import ImageDataModule
-from labelcomp.finetune import StagedFinetuning, check_stages
+from labelcomp.finetune import StagedFinetuning, resolve_stages
 from labelcomp.folds import assign_folds, fold_groups
 from labelcomp.metrics import METRICS, multiclass_log_loss
 from labelcomp.model import ClassifierModule, apply_weights_card, build_model, resolve_normalization
@@ -68,7 +68,7 @@ def prepare(config: DictConfig) -> Prepared:
         _logger.info("%d sets of identical training images: each set is kept within one fold", len(duplicates))
     source = str(competition.root / (competition.spec.train.csv or competition.spec.train.images))
     folds = assign_folds(train, config.cv.folds, config.seed, fold_groups(train, duplicates), source)
-    check_stages(OmegaConf.to_container(config.finetune.stages, resolve=True))
+    resolve_stages(config.finetune)
     tta_views(config.tta)
     apply_weights_card(config.model)
     build_model(config.model, competition.num_classes)
