@@ -191,3 +191,68 @@ def test_every_architecture_trains_through_head_top_and_all_stages(name):
     assert head_only == [] and head_names == ["head"]
     assert top == [n - 2, n - 1] and top_names == ["head", f"backbone.{n - 2}", f"backbone.{n - 1}"]
     assert every == list(range(n)) and sorted(all_names) == sorted(["head", *(f"backbone.{i}" for i in range(n))])
+
+
+def _tiny_module(name, stages):
+    return ClassifierModule(
+        model={"name": name, "pretrained": False, "pretrained_cfg": {}, "kwargs": ARCHITECTURES.get(name, {}),
+               "drop_rate": 0.0, "zero_init_head": True},
+        optim={"name": "adamw", "weight_decay": 0.0, "label_smoothing": 0.0},
+        finetune={"stages": stages, "min_lr_ratio": 0.01}, num_classes=3, metric="accuracy",
+    )
+
+
+def _random_loader():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 3, 32, 32, generator=generator), torch.randint(0, 3, (8,), generator=generator))
+    return DataLoader(data, batch_size=4)
+
+
+def test_train_bn_trains_batchnorm_of_frozen_blocks_only():
+    stages = [{**THREE_STAGES[0], "train_bn": True}]
+    module = _tiny_module("mobilenetv2_035", stages)
+    before = {name: tensor.clone() for name, tensor in module.net.state_dict().items()}
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[StagedFinetuning(stages, 0.01)])
+    trainer.fit(module, _random_loader())
+    after = module.net.state_dict()
+    bn_names = {f"{name}.{suffix}" for name, m in module.net.named_modules() if isinstance(m, _BatchNorm)
+                for suffix in ("weight", "running_mean")}
+    conv_names = {f"{name}.weight" for name, m in module.net.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert all(not torch.equal(before[name], after[name]) for name in bn_names)
+    assert all(torch.equal(before[name], after[name]) for name in conv_names)
+
+
+def test_resumed_mid_stage_run_continues_with_the_right_stage_and_groups(tmp_path):
+    """Stopped inside the top:2 stage and resumed from the checkpoint, a run ends exactly where an
+    uninterrupted one does (cf. Lightning issue 6891: param groups lost on resume)."""
+    stages = [{**THREE_STAGES[0]}, {**THREE_STAGES[1], "epochs": 2}, {**THREE_STAGES[2]}]
+
+    def trainer(max_epochs, recorder):
+        return L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[StagedFinetuning(stages, 0.01), recorder])
+
+    L.seed_everything(0)
+    straight, straight_groups = _tiny_module("resnet10t", stages), TrainedGroups()
+    trainer(4, straight_groups).fit(straight, _random_loader())
+
+    L.seed_everything(0)
+    first, first_groups = _tiny_module("resnet10t", stages), TrainedGroups()
+    stopped = trainer(2, first_groups)
+    stopped.fit(first, _random_loader())
+    stopped.save_checkpoint(tmp_path / "mid_stage.ckpt")
+
+    resumed, resumed_groups = _tiny_module("resnet10t", stages), TrainedGroups()
+    resumed_trainer = trainer(4, resumed_groups)
+    resumed_trainer.fit(resumed, _random_loader(), ckpt_path=tmp_path / "mid_stage.ckpt")
+
+    assert first_groups.per_epoch + resumed_groups.per_epoch == straight_groups.per_epoch
+    n = straight_groups.per_epoch[0][0]
+    assert resumed_groups.per_epoch[0][1] == [n - 2, n - 1]  # back in the top:2 stage
+    assert resumed_trainer.lr_scheduler_configs[0].scheduler.last_epoch == straight.trainer.global_step
+    for name, tensor in straight.net.state_dict().items():
+        assert torch.allclose(tensor.float(), resumed.net.state_dict()[name].float(), atol=1e-6), name
