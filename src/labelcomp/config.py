@@ -94,6 +94,26 @@ class OptimConfig:
 
 
 @dataclass
+class MixupConfig:
+    """timm's Mixup/CutMix; off while both alphas are 0."""
+
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    prob: float = 1.0  # chance a batch is mixed
+    switch_prob: float = 0.5  # chance a mixed batch uses CutMix when both are on
+    off_epoch: Optional[int] = None  # from this epoch on, batches are no longer mixed
+
+
+@dataclass
+class EmaConfig:
+    """timm's ModelEmaV3: when enabled, the averaged weights are validated, checkpointed and predict."""
+
+    enabled: bool = False
+    decay: float = 0.998
+    use_warmup: bool = True  # a short average early on, so the first epochs are not dominated by the init
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"
@@ -121,6 +141,8 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tta: str = "hflip"  # none | hflip
     paths: PathsConfig = field(default_factory=PathsConfig)

@@ -16,7 +16,10 @@ import lightning as L
 import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -139,25 +142,52 @@ class ClassifierModule(L.LightningModule):
         finetune: dict[str, Any],
         num_classes: int,
         metric: str,
+        mixup: dict[str, Any] | None = None,
+        ema: dict[str, Any] | None = None,
         load_weights: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["load_weights"])
         self.net = build_model(OmegaConf.create(model), num_classes, load_weights)
         self.metric = METRICS[metric]
+        self.mixup = None
+        if mixup and (mixup["mixup_alpha"] > 0 or mixup["cutmix_alpha"] > 0):
+            # timm's Mixup makes soft targets and applies the label smoothing itself
+            self.mixup = Mixup(
+                mixup_alpha=mixup["mixup_alpha"], cutmix_alpha=mixup["cutmix_alpha"], prob=mixup["prob"],
+                switch_prob=mixup["switch_prob"], label_smoothing=optim["label_smoothing"], num_classes=num_classes,
+            )
+            self.mixed_loss = SoftTargetCrossEntropy()
         self.train_loss = nn.CrossEntropyLoss(label_smoothing=optim["label_smoothing"])
         # validation loss stays plain cross-entropy so it is the log-loss whatever the smoothing
         self.val_loss = nn.CrossEntropyLoss()
         self.val_metric = self.metric.build_torchmetric(num_classes) if self.metric.torchmetric else None
+        self.ema = None
+        if ema and ema["enabled"]:
+            self.ema = ModelEmaV3(self.net, decay=ema["decay"], use_warmup=ema["use_warmup"])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
+        # outside training (validation, checkpoint selection, OOF and test) the averaged weights predict
+        net = self.ema.module if self.ema is not None and not self.training else self.net
+        return net(images)
+
+    def _mixes(self) -> bool:
+        off_epoch = self.hparams.mixup["off_epoch"] if self.mixup is not None else None
+        return self.mixup is not None and (off_epoch is None or self.current_epoch < off_epoch)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch
-        loss = self.train_loss(self(images), targets)
+        if self._mixes() and len(images) % 2 == 0:  # timm mixes pairs within a batch
+            images, soft_targets = self.mixup(images, targets)
+            loss = self.mixed_loss(self(images), soft_targets)
+        else:
+            loss = self.train_loss(self(images), targets)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.net, step=self.global_step)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, targets = batch

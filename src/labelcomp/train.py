@@ -116,6 +116,7 @@ def fit_fold(
         model=OmegaConf.to_container(config.model, resolve=True),
         optim=OmegaConf.to_container(config.optim, resolve=True),
         finetune=finetune, num_classes=competition.num_classes, metric=competition.spec.metric,
+        mixup=OmegaConf.to_container(config.mixup), ema=OmegaConf.to_container(config.ema),
     )
     metric = METRICS[competition.spec.metric]
     fold_dir = run_dir.fold_dir(fold)
