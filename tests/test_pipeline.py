@@ -159,3 +159,22 @@ def test_another_backbone_trains_through_overrides(tmp_path):
     assert len(_read(run / "oof.csv")) == 18
     assert main(["submit", "--config", SMOKE, *overrides]) == 0
     assert (tmp_path / "submissions" / f"{run.name}.csv").is_file()
+
+
+def test_probe_scores_frozen_features_and_submits_like_a_run(tmp_path, capsys):
+    competition = make_competition(tmp_path / "tiny")
+    overrides = tiny_overrides(tmp_path, competition)
+    assert main(["probe", "--config", SMOKE, *overrides]) == 0
+    assert "CV accuracy:" in capsys.readouterr().out
+    (run,) = (tmp_path / "runs" / "smoke-probe").iterdir()
+    scores = json.loads((run / "scores.json").read_text())
+    oof = _read(run / "oof.csv")
+    labels = yaml.safe_load((competition / "competition.yaml").read_text())["labels"]
+    assert len(oof) == 40 and np.allclose(oof[labels].sum(axis=1), 1.0, atol=1e-4)
+    accuracy = (oof[labels].to_numpy().argmax(1) == oof["label"].map(labels.index)).mean()
+    assert scores["oof_score"] == pytest.approx(accuracy)
+    history = pd.read_csv(tmp_path / "submissions" / "score_history.csv")
+    assert history.loc[0, "experiment"] == "smoke-probe" and history.loc[0, "submission"] == f"{run.name}.csv"
+    submission = _read(tmp_path / "submissions" / f"{run.name}.csv")
+    assert submission["image_id"].tolist() == _read(competition / "sample_submission.csv")["image_id"].tolist()
+    assert submission["label"].isin(labels).all()

@@ -19,6 +19,7 @@ def _parser() -> argparse.ArgumentParser:
         ("train", "train every fold of an experiment, print fold scores, CV and OOF, record the run"),
         ("submit", "predict the test set with a run's fold models and TTA, write the submission"),
         ("compare", "print every run of the score history"),
+        ("probe", "the frozen-feature baseline: LogisticRegression on pretrained features, per fold"),
     ):
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument("--config", help="experiment YAML file (e.g. configs/default.yaml)")
@@ -39,6 +40,15 @@ def _train(args: argparse.Namespace) -> None:
     from labelcomp.train import run
 
     _, scores = run(load_config(args.config, args.overrides))
+    print(fold_table(scores))
+
+
+def _probe(args: argparse.Namespace) -> None:
+    from labelcomp.config import load_config
+    from labelcomp.history import fold_table
+    from labelcomp.probe import run_probe
+
+    _, scores = run_probe(load_config(args.config, args.overrides))
     print(fold_table(scores))
 
 
@@ -75,7 +85,8 @@ def _check(args: argparse.Namespace) -> int:
     return 2 if report.problems else 0
 
 
-COMMANDS = {"train": _train, "submit": _submit, "compare": _compare, "init": _init, "check": _check}
+COMMANDS = {"train": _train, "submit": _submit, "compare": _compare, "probe": _probe, "init": _init,
+            "check": _check}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,6 +114,14 @@ class EmaConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """The frozen-feature baseline's scikit-learn LogisticRegression."""
+
+    C: float = 0.5
+    max_iter: int = 2000
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"
@@ -143,6 +151,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     mixup: MixupConfig = field(default_factory=MixupConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tta: str = "hflip"  # none | hflip
     paths: PathsConfig = field(default_factory=PathsConfig)

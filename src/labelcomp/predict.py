@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from labelcomp.augment import build_transforms, tta_views
 from labelcomp.data import ImageDataModule
@@ -18,19 +19,22 @@ from labelcomp.model import ClassifierModule
 _logger = logging.getLogger(__name__)
 
 
-class TTAPredictor(L.LightningModule):
-    """Wraps a trained classifier for `Trainer.predict`: returns softmax probabilities per TTA view."""
+class ViewPredictor(L.LightningModule):
+    """Wraps a network for `Trainer.predict`: its outputs for every TTA view, (views, batch, ...)."""
 
-    def __init__(self, classifier: ClassifierModule, views: list):
+    def __init__(self, network: nn.Module, views: list, softmax: bool):
         super().__init__()
-        self.classifier = classifier
+        self.network = network
         self.views = views
+        self.softmax = softmax
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images = batch[0]
         # all views stacked into one forward pass: one large batch beats several small ones
-        logits = self.classifier(torch.cat([view(images) for view in self.views]))
-        return logits.softmax(dim=-1).view(len(self.views), len(images), -1)
+        outputs = self.network(torch.cat([view(images) for view in self.views]))
+        if self.softmax:
+            outputs = outputs.softmax(dim=-1)
+        return outputs.view(len(self.views), len(images), -1)
 
 
 def load_classifier(checkpoint: Path) -> ClassifierModule:
@@ -38,10 +42,11 @@ def load_classifier(checkpoint: Path) -> ClassifierModule:
 
 
 def predict_views(
-    classifier: ClassifierModule, frame: pd.DataFrame, config: DictConfig,
-    cache: dict[str, np.ndarray] | None = None,
+    network: nn.Module, frame: pd.DataFrame, config: DictConfig,
+    cache: dict[str, np.ndarray] | None = None, softmax: bool = True,
 ) -> np.ndarray:
-    """Probabilities of shape (views, images, classes); view 0 is the untransformed image."""
+    """Outputs (probabilities, or raw with softmax=False) of shape (views, images, ...); view 0 is
+    the untransformed image."""
     data = ImageDataModule(
         batch_size=config.data.batch_size, num_workers=config.data.num_workers, predict=frame,
         eval_transform=build_transforms(config.augment, train=False), cache=cache,
@@ -50,7 +55,7 @@ def predict_views(
         accelerator=config.trainer.accelerator, devices=1, precision=config.trainer.precision, logger=False,
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=config.trainer.progress_bar,
     )
-    batches = trainer.predict(TTAPredictor(classifier, tta_views(config.tta)), datamodule=data)
+    batches = trainer.predict(ViewPredictor(network, tta_views(config.tta), softmax), datamodule=data)
     return torch.cat(batches, dim=1).float().numpy()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
@@ -34,11 +35,18 @@ def submit(config: DictConfig, run_id: str | None = None, overrides: list[str] |
     if missing:
         raise LabelcompError(f"run {run.run_id}: fold checkpoints missing: {missing}; finish training the run first")
     proba = predict_folds(checkpoints, test, run_config)
-    submissions = Path(run_config.paths.submissions)
-    path = submissions / f"{run.run_id}.csv"
-    competition.write_submission(test["id"], proba, path)
-    probabilities = pd.concat([pd.DataFrame({"id": test["id"].to_numpy()}),
-                               pd.DataFrame(proba, columns=competition.labels)], axis=1)
-    write_csv_atomic(probabilities, submissions / f"{run.run_id}.test_proba.csv")
-    history.record_submission(history.history_path(submissions), run.run_id, path.name)
+    return write_submission(competition, run.run_id, test["id"], proba, Path(run_config.paths.submissions))
+
+
+def write_submission(
+    competition: Competition, run_id: str, ids: pd.Series, proba: np.ndarray, submissions: Path
+) -> Path:
+    """`<run_id>.csv` in the sample's format, the test probabilities beside it for later blending,
+    and the file's name in the run's score-history row."""
+    path = submissions / f"{run_id}.csv"
+    competition.write_submission(ids, proba, path)
+    probabilities = pd.concat([pd.DataFrame({"id": ids.to_numpy()}), pd.DataFrame(proba, columns=competition.labels)],
+                              axis=1)
+    write_csv_atomic(probabilities, submissions / f"{run_id}.test_proba.csv")
+    history.record_submission(history.history_path(submissions), run_id, path.name)
     return path

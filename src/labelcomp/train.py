@@ -151,11 +151,14 @@ def predict_oof(
     config: DictConfig, competition: Competition, train: pd.DataFrame, folds: pd.DataFrame, fold: int,
     checkpoint: Path, run_dir: RunDir, cache: dict[str, np.ndarray] | None = None,
 ) -> None:
-    """OOF probabilities of `fold` from the model that never saw it, without and with TTA.
-
-    `oof.csv` is written last: its presence marks the fold as done."""
+    """OOF probabilities of `fold` from the model that never saw it, without and with TTA."""
     held_out = train[folds["fold"].to_numpy() == fold]
-    views = predict_views(load_classifier(checkpoint), held_out, config, cache)
+    write_oof(run_dir, competition, held_out, fold, predict_views(load_classifier(checkpoint), held_out, config, cache))
+
+
+def write_oof(run_dir: RunDir, competition: Competition, held_out: pd.DataFrame, fold: int, views: np.ndarray) -> None:
+    """The fold's OOF files from per-view probabilities (views, images, classes); `oof.csv` is
+    written last: its presence marks the fold as done."""
     for path, proba in ((run_dir.fold_oof_tta(fold), views.mean(axis=0)), (run_dir.fold_oof(fold), views[0])):
         write_csv_atomic(_probability_frame(held_out["id"], fold, held_out["label"], proba, competition.labels), path)
 

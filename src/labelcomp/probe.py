@@ -1,0 +1,74 @@
+"""`labelcomp probe`: the frozen-feature baseline. Pooled features of the pretrained backbone are
+extracted once per image (and TTA view), a scikit-learn LogisticRegression is fitted per fold, and the
+run gets OOF scores, a history row and a submission like any other, in seconds."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from labelcomp import history
+from labelcomp.config import save_config
+from labelcomp.model import build_model
+from labelcomp.predict import predict_views
+from labelcomp.runs import RunDir, new_run, write_csv_atomic
+from labelcomp.submit import write_submission
+from labelcomp.train import prepare, run_row, write_oof, write_scores
+
+_logger = logging.getLogger(__name__)
+
+
+class PooledFeatures(nn.Module):
+    """The backbone up to its pooled, pre-classifier features (timm's forward_head pre_logits)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_head(self.net.forward_features(images), pre_logits=True)
+
+
+def _class_proba(classifier, features: np.ndarray, num_classes: int) -> np.ndarray:
+    """predict_proba spread over every class of the competition (a class absent from a fold's
+    training rows gets probability 0)."""
+    proba = np.zeros((len(features), num_classes))
+    proba[:, classifier.classes_] = classifier.predict_proba(features)
+    return proba
+
+
+def run_probe(config: DictConfig) -> tuple[RunDir, dict[str, Any]]:
+    config.experiment = f"{config.experiment}-probe"
+    competition, train, folds, cache = prepare(config)
+    test = competition.read_test()
+    features = PooledFeatures(build_model(config.model, competition.num_classes)).eval()
+    _logger.info("extracting features of %d training and %d test images", len(train), len(test))
+    train_views = predict_views(features, train, config, cache, softmax=False)
+    test_views = predict_views(features, test, config, softmax=False)
+    run_dir = new_run(config.paths.runs, config.experiment)
+    save_config(config, run_dir.config)
+    write_csv_atomic(folds, run_dir.folds)
+    test_proba = np.zeros((len(test), competition.num_classes))
+    for fold in range(config.cv.folds):
+        held_out = folds["fold"].to_numpy() == fold
+        classifier = make_pipeline(
+            StandardScaler(), LogisticRegression(C=config.probe.C, max_iter=config.probe.max_iter)
+        )
+        classifier.fit(train_views[0][~held_out], train["target"].to_numpy()[~held_out])
+        oof_views = np.stack([_class_proba(classifier, view[held_out], competition.num_classes) for view in train_views])
+        write_oof(run_dir, competition, train[held_out], fold, oof_views)
+        test_proba += np.mean([_class_proba(classifier, view, competition.num_classes) for view in test_views], axis=0)
+    scores = write_scores(run_dir, competition, config)
+    history.record_run(history.history_path(config.paths.submissions), run_row(run_dir, config, scores))
+    write_submission(competition, run_dir.run_id, test["id"], test_proba / config.cv.folds,
+                     Path(config.paths.submissions))
+    return run_dir, scores
