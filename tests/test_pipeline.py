@@ -178,3 +178,18 @@ def test_probe_scores_frozen_features_and_submits_like_a_run(tmp_path, capsys):
     submission = _read(tmp_path / "submissions" / f"{run.name}.csv")
     assert submission["image_id"].tolist() == _read(competition / "sample_submission.csv")["image_id"].tolist()
     assert submission["label"].isin(labels).all()
+
+
+def test_lr_find_saves_its_plot_and_prints_a_suggestion(tmp_path, capsys):
+    competition = make_competition(tmp_path / "tiny")
+    overrides = tiny_overrides(tmp_path, competition)
+    assert main(["lr-find", "--config", SMOKE, "--stage", "1", *overrides]) == 0
+    printed = capsys.readouterr().out
+    (run,) = (tmp_path / "runs" / "smoke-lr-find").iterdir()
+    plot = run / "lr_find_stage1.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    found = json.loads((run / "lr_find.json").read_text())
+    assert found["stage"] == 1 and len(found["results"]["lr"]) > 10
+    assert f"plot: {plot}" in printed and (found["suggestion"] is None or f"{found['suggestion']:.2e}" in printed)
+    assert main(["lr-find", "--config", SMOKE, "--stage", "5", *overrides]) == 2
+    assert "--stage 5: the config has stages 0 to 1" in capsys.readouterr().err

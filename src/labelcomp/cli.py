@@ -20,12 +20,15 @@ def _parser() -> argparse.ArgumentParser:
         ("submit", "predict the test set with a run's fold models and TTA, write the submission"),
         ("compare", "print every run of the score history"),
         ("probe", "the frozen-feature baseline: LogisticRegression on pretrained features, per fold"),
+        ("lr-find", "suggest a learning rate for a fine-tuning stage (Lightning's lr range test)"),
     ):
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument("--config", help="experiment YAML file (e.g. configs/default.yaml)")
         command.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. cv.folds=3")
         if name == "submit":
             command.add_argument("--run", help="run id (default: the experiment's latest finished run)")
+        if name == "lr-find":
+            command.add_argument("--stage", type=int, default=0, help="index of the finetune stage (default 0)")
     init = commands.add_parser("init", help="guess a competition.yaml for a downloaded competition folder")
     init.add_argument("folder")
     init.add_argument("--force", action="store_true", help="overwrite an existing competition.yaml")
@@ -50,6 +53,15 @@ def _probe(args: argparse.Namespace) -> None:
 
     _, scores = run_probe(load_config(args.config, args.overrides))
     print(fold_table(scores))
+
+
+def _lr_find(args: argparse.Namespace) -> None:
+    from labelcomp.config import load_config
+    from labelcomp.lr_find import find_lr
+
+    suggestion, plot = find_lr(load_config(args.config, args.overrides), args.stage)
+    found = f"suggested lr for stage {args.stage}: {suggestion:.2e}" if suggestion else "no lr suggestion from the curve"
+    print(f"{found}; plot: {plot}")
 
 
 def _submit(args: argparse.Namespace) -> None:
@@ -85,8 +97,8 @@ def _check(args: argparse.Namespace) -> int:
     return 2 if report.problems else 0
 
 
-COMMANDS = {"train": _train, "submit": _submit, "compare": _compare, "probe": _probe, "init": _init,
-            "check": _check}
+COMMANDS = {"train": _train, "submit": _submit, "compare": _compare, "probe": _probe, "lr-find": _lr_find,
+            "init": _init, "check": _check}
 
 
 def main(argv: list[str] | None = None) -> int:

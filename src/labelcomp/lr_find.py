@@ -1,0 +1,73 @@
+"""`labelcomp lr-find`: Lightning's learning-rate range test for one fine-tuning stage.
+
+It trains fold 0's training part with the stage's frozen/trainable split while the lr grows
+exponentially, for every trainable group alike, then saves the loss curve as a PNG in a run folder
+of its own and returns the suggested lr (steepest descent of the smoothed loss).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+
+from lightning.pytorch.tuner import Tuner
+from omegaconf import DictConfig, OmegaConf
+
+from labelcomp.augment import build_transforms
+from labelcomp.config import save_config
+from labelcomp.data import ImageDataModule
+from labelcomp.errors import LabelcompError
+from labelcomp.finetune import StagedFinetuning
+from labelcomp.model import ClassifierModule
+from labelcomp.runs import new_run, write_text_atomic
+from labelcomp.train import prepare
+
+_logger = logging.getLogger(__name__)
+
+
+def find_lr(config: DictConfig, stage_index: int = 0, num_training: int = 100) -> tuple[float | None, Path]:
+    """The suggested lr for stage `stage_index` (None when the curve gives none) and the plot's path."""
+    competition, train, folds, cache = prepare(config)
+    finetune = OmegaConf.to_container(config.finetune, resolve=True)
+    if not 0 <= stage_index < len(finetune["stages"]):
+        raise LabelcompError(f"--stage {stage_index}: the config has stages 0 to {len(finetune['stages']) - 1}")
+    stage = finetune["stages"][stage_index]
+    held_out = folds["fold"].to_numpy() == 0
+    data = ImageDataModule(
+        batch_size=config.data.batch_size, num_workers=config.data.num_workers, train=train[~held_out],
+        val=train[held_out], train_transform=build_transforms(config.augment, train=True, seed=config.seed),
+        eval_transform=build_transforms(config.augment, train=False), cache=cache,
+    )
+    module = ClassifierModule(
+        model=OmegaConf.to_container(config.model, resolve=True),
+        optim=OmegaConf.to_container(config.optim, resolve=True),
+        finetune={**finetune, "stages": [stage]}, num_classes=competition.num_classes,
+        metric=competition.spec.metric,
+    )
+    run_dir = new_run(config.paths.runs, f"{config.experiment}-lr-find")
+    save_config(config, run_dir.config)
+    trainer = L.Trainer(
+        # enough epochs for the range test's `num_training` steps (one epoch may be shorter)
+        max_epochs=math.ceil(num_training / len(data.train_dataloader())) + 1,
+        accelerator=config.trainer.accelerator, devices=1,
+        precision=config.trainer.precision, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=config.trainer.progress_bar,
+        default_root_dir=run_dir.root, callbacks=[StagedFinetuning([stage], finetune["min_lr_ratio"])],
+    )
+    L.seed_everything(config.seed)
+    finder = Tuner(trainer).lr_find(module, datamodule=data, num_training=num_training, update_attr=False)
+    suggestion = finder.suggestion()
+    plot = run_dir.root / f"lr_find_stage{stage_index}.png"
+    figure = finder.plot(suggest=suggestion is not None)
+    figure.axes[0].set_title(f"{config.model.name}, stage {stage_index} ({stage['train']}): lr range test")
+    figure.savefig(plot, dpi=100)
+    write_text_atomic(run_dir.root / "lr_find.json",
+                      json.dumps({"stage": stage_index, "suggestion": suggestion, "results": finder.results}) + "\n")
+    return suggestion, plot
