@@ -13,10 +13,12 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from timm.models import group_parameters
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from labelcomp.errors import LabelcompError
@@ -146,6 +148,16 @@ def plan_for(trainer: "L.Trainer", net: nn.Module, stages: list[dict[str, Any]],
     return StagePlan(stages, int(steps_per_epoch), min_lr_ratio, len(block_groups(net)))
 
 
+def _rewrap_ddp(trainer: "L.Trainer") -> None:
+    """DistributedDataParallel registers the parameters that require gradients when it wraps the
+    model; parameters unfrozen later would train on each process apart and the replicas drift
+    (cf. Lightning issue 20340). Wrapping again after the change registers them; every process runs
+    this at the same epoch, as the wrap's collective broadcast requires."""
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+        strategy.model = strategy._setup_model(strategy.model.module)
+
+
 class StagedFinetuning(BaseFinetuning):
     """Applies the stage of the current epoch at every epoch start, so a resumed run lands right.
 
@@ -170,7 +182,10 @@ class StagedFinetuning(BaseFinetuning):
         if epoch == plan.first_epochs[index]:
             stage = self.stages[index]
             _logger.info("epoch %d: stage %d/%d trains %s", epoch, index + 1, len(self.stages), stage["train"])
+        trainable_before = [p.requires_grad for p in pl_module.net.parameters()]
         self._apply(pl_module.net, self.stages[index], optimizer, plan, pl_module.trainer.global_step)
+        if [p.requires_grad for p in pl_module.net.parameters()] != trainable_before:
+            _rewrap_ddp(pl_module.trainer)
 
     def _apply(
         self, net: nn.Module, stage: dict[str, Any], optimizer: Optimizer | None = None,

@@ -182,7 +182,8 @@ class ClassifierModule(L.LightningModule):
             loss = self.mixed_loss(self(images), soft_targets)
         else:
             loss = self.train_loss(self(images), targets)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets),
+                 sync_dist=True)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -192,7 +193,8 @@ class ClassifierModule(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, targets = batch
         logits = self(images)
-        self.log("val/loss", self.val_loss(logits, targets), prog_bar=True, batch_size=len(targets))
+        # synced across processes, so checkpointing and early stopping decide alike on every one
+        self.log("val/loss", self.val_loss(logits, targets), prog_bar=True, batch_size=len(targets), sync_dist=True)
         if self.val_metric is not None:
             self.val_metric(logits, targets)
             self.log(self.metric.monitor, self.val_metric, prog_bar=True)
