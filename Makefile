@@ -6,7 +6,7 @@ CONFIG ?= configs/default.yaml
 ARGS ?=
 RUN ?=
 
-.PHONY: train submit compare test clean
+.PHONY: train submit compare test finetune-study clean
 
 # reinstalls whenever pyproject.toml (the dependencies) changes
 $(VENV)/.installed: pyproject.toml
@@ -26,6 +26,10 @@ compare: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
+
+# benchmark, not a test: needs ../shared (skips without it); STUDY="--per-class 500 --folds 5" for all images
+finetune-study: $(VENV)/.installed
+	$(BIN)/python tools/finetune_study.py $(STUDY)
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

@@ -153,13 +153,23 @@ THREE_STAGES = [
 
 
 class TrainedGroups(Callback):
-    """Which block groups have trainable parameters at the first step of each epoch."""
+    """Which block groups have trainable parameters at the first step of each epoch, and the
+    parameters at each epoch's start and end."""
 
     def __init__(self):
         self.per_epoch = []
+        self.weights = []
+
+    def _weights(self, module):
+        return [[p.detach().clone() for m in modules for p in m.parameters(recurse=False)]
+                for modules in block_groups(module.net)]
+
+    def on_train_epoch_end(self, trainer, module):
+        self.weights[-1] = (self.weights[-1], self._weights(module))
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if batch_idx == 0:
+            self.weights.append(self._weights(module))
             groups = block_groups(module.net)
             trainable = [i for i, modules in enumerate(groups)
                          if any(p.requires_grad for m in modules for p in m.parameters(recurse=False))]
@@ -190,6 +200,11 @@ def test_every_architecture_trains_through_head_top_and_all_stages(name):
     assert n >= 3, "timm's group_matcher found too few block groups"
     assert head_only == [] and head_names == ["head"]
     assert top == [n - 2, n - 1] and top_names == ["head", f"backbone.{n - 2}", f"backbone.{n - 1}"]
+    # through the top:2 epoch the frozen groups stay bit-identical and the top two move
+    before, after = recorder.weights[1]
+    for index in range(n):
+        unchanged = all(torch.equal(a, b) for a, b in zip(before[index], after[index]))
+        assert unchanged == (index < n - 2), (name, index)
     assert every == list(range(n)) and sorted(all_names) == sorted(["head", *(f"backbone.{i}" for i in range(n))])
 
 
