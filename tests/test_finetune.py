@@ -271,3 +271,24 @@ def test_resumed_mid_stage_run_continues_with_the_right_stage_and_groups(tmp_pat
     assert resumed_trainer.lr_scheduler_configs[0].scheduler.last_epoch == straight.trainer.global_step
     for name, tensor in straight.net.state_dict().items():
         assert torch.allclose(tensor.float(), resumed.net.state_dict()[name].float(), atol=1e-6), name
+
+
+def test_presets_cover_the_epochs_and_explicit_stages_win():
+    from omegaconf import OmegaConf
+
+    from labelcomp.config import FinetuneConfig
+    from labelcomp.finetune import preset_stages, resolve_stages
+
+    for preset in ("head", "freeze_unfreeze", "gradual"):
+        stages = preset_stages(preset, 7)
+        assert sum(stage["epochs"] for stage in stages) == 7
+        assert stages[0]["train"] == "head" and stages[-1]["train"] == ("head" if preset == "head" else "all")
+    assert [stage["train"] for stage in preset_stages("gradual", 7)] == ["head", "top:2", "all"]
+    explicit = OmegaConf.structured(FinetuneConfig(preset="gradual"))
+    explicit.merge_with({"stages": [STAGES[1]]})
+    resolve_stages(explicit)
+    assert [stage.train for stage in explicit.stages] == ["all"]
+    with pytest.raises(LabelcompError, match="finetune.epochs=2 is too few for the 'gradual' preset"):
+        preset_stages("gradual", 2)
+    with pytest.raises(LabelcompError, match="finetune.preset 'slow' is unknown"):
+        preset_stages("slow", 6)
