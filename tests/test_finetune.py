@@ -177,37 +177,6 @@ class TrainedGroups(Callback):
             self.per_epoch.append((len(groups), trainable, names))
 
 
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
-def test_every_architecture_trains_through_head_top_and_all_stages(name):
-    from torch.utils.data import DataLoader, TensorDataset
-
-    module = ClassifierModule(
-        model={"name": name, "pretrained": False, "pretrained_cfg": {}, "kwargs": ARCHITECTURES[name],
-               "drop_rate": 0.0, "zero_init_head": True},
-        optim={"name": "adamw", "weight_decay": 0.0, "label_smoothing": 0.0},
-        finetune={"stages": THREE_STAGES, "min_lr_ratio": 0.01}, num_classes=3, metric="accuracy",
-    )
-    generator = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(8, 3, 32, 32, generator=generator), torch.randint(0, 3, (8,), generator=generator))
-    recorder = TrainedGroups()
-    trainer = L.Trainer(
-        max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_train_batches=1, limit_val_batches=1,
-        callbacks=[StagedFinetuning(THREE_STAGES, 0.01), recorder],
-    )
-    trainer.fit(module, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
-    (n, head_only, head_names), (_, top, top_names), (_, every, all_names) = recorder.per_epoch
-    assert n >= 3, "timm's group_matcher found too few block groups"
-    assert head_only == [] and head_names == ["head"]
-    assert top == [n - 2, n - 1] and top_names == ["head", f"backbone.{n - 2}", f"backbone.{n - 1}"]
-    # through the top:2 epoch the frozen groups stay bit-identical and the top two move
-    before, after = recorder.weights[1]
-    for index in range(n):
-        unchanged = all(torch.equal(a, b) for a, b in zip(before[index], after[index]))
-        assert unchanged == (index < n - 2), (name, index)
-    assert every == list(range(n)) and sorted(all_names) == sorted(["head", *(f"backbone.{i}" for i in range(n))])
-
-
 def _tiny_module(name, stages):
     return ClassifierModule(
         model={"name": name, "pretrained": False, "pretrained_cfg": {}, "kwargs": ARCHITECTURES.get(name, {}),
@@ -223,6 +192,28 @@ def _random_loader():
     generator = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(8, 3, 32, 32, generator=generator), torch.randint(0, 3, (8,), generator=generator))
     return DataLoader(data, batch_size=4)
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_every_architecture_trains_through_head_top_and_all_stages(name):
+    module = _tiny_module(name, THREE_STAGES)
+    recorder = TrainedGroups()
+    trainer = L.Trainer(
+        max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_train_batches=1, limit_val_batches=1,
+        callbacks=[StagedFinetuning(THREE_STAGES, 0.01), recorder],
+    )
+    trainer.fit(module, _random_loader(), _random_loader())
+    (n, head_only, head_names), (_, top, top_names), (_, every, all_names) = recorder.per_epoch
+    assert n >= 3, "timm's group_matcher found too few block groups"
+    assert head_only == [] and head_names == ["head"]
+    assert top == [n - 2, n - 1] and top_names == ["head", f"backbone.{n - 2}", f"backbone.{n - 1}"]
+    # through the top:2 epoch the frozen groups stay bit-identical and the top two move
+    before, after = recorder.weights[1]
+    for index in range(n):
+        unchanged = all(torch.equal(a, b) for a, b in zip(before[index], after[index]))
+        assert unchanged == (index < n - 2), (name, index)
+    assert every == list(range(n)) and sorted(all_names) == sorted(["head", *(f"backbone.{i}" for i in range(n))])
 
 
 def test_train_bn_trains_batchnorm_of_frozen_blocks_only():
