@@ -35,11 +35,6 @@ def test_bad_overrides_name_the_key(overrides, expected):
         load_config(REPO / "configs" / "default.yaml", overrides)
 
 
-def test_missing_competition_is_named():
-    with pytest.raises(LabelcompError, match="'competition' has no value"):
-        load_config(None, [])
-
-
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(LabelcompError, match="nope.yaml: config file not found"):
         load_config(tmp_path / "nope.yaml")

@@ -1,5 +1,7 @@
 from concurrent.futures import ProcessPoolExecutor
 
+import pytest
+
 import pandas as pd
 
 from labelcomp.history import compare_table, read_history, record_run, record_submission
@@ -37,3 +39,51 @@ def test_parallel_writers_lose_no_row(tmp_path):
     with ProcessPoolExecutor(4) as pool:
         list(pool.map(_write, [(path, index) for index in range(24)]))
     assert sorted(read_history(path)["run_id"]) == sorted(f"run{index}" for index in range(24))
+
+
+def _three_runs(path):
+    record_run(path, {**_row("a", 3), "fold_0": 0.50, "fold_1": 0.60, "fold_2": 0.70, "cv_mean": 0.60})
+    record_run(path, {**_row("b", 3), "created_at": "2026-11-24T11:00", "fold_0": 0.55, "fold_1": 0.58,
+                      "fold_2": 0.76, "cv_mean": 0.63})
+    record_run(path, {**_row("c", 3), "created_at": "2026-11-24T12:00", "cv_mean": 0.61})
+
+
+def test_leaderboard_scores_and_notes_land_on_their_run(tmp_path):
+    from labelcomp.errors import LabelcompError
+    from labelcomp.history import record_lb, record_note
+
+    path = tmp_path / "score_history.csv"
+    _three_runs(path)
+    record_lb(path, "b", 0.612)
+    record_note(path, "b", "stronger flips")
+    history = read_history(path).set_index("run_id")
+    assert history.loc["b", "lb_score"] == 0.612 and history.loc["b", "notes"] == "stronger flips"
+    assert pd.isna(history.loc["a", "lb_score"])
+    with pytest.raises(LabelcompError, match="no run 'z'"):
+        record_lb(path, "z", 0.1)
+    table = compare_table(read_history(path))
+    # change of CV mean against the best earlier run: b beats a by 0.03; c trails b by 0.02
+    lines = {line.split()[0]: line for line in table.splitlines()[1:]}
+    assert "+0.0300" in lines["b"] and "-0.0200" in lines["c"] and "stronger flips" in lines["b"]
+
+
+def test_two_runs_side_by_side_with_the_paired_difference(tmp_path):
+    from labelcomp.history import compare_runs
+
+    path = tmp_path / "score_history.csv"
+    _three_runs(path)
+    text = compare_runs(read_history(path), "a", "b")
+    assert "+0.0500" in text and "-0.0200" in text and "+0.0600" in text
+    differences = [0.05, -0.02, 0.06]
+    mean, std = sum(differences) / 3, pd.Series(differences).std()
+    assert f"mean difference {mean:+.4f} ± {std:.4f}" in text and "b better on 2 of 3 folds" in text
+
+
+def test_plot_of_the_score_history_is_written(tmp_path, capsys):
+    from labelcomp.cli import main
+
+    path = tmp_path / "score_history.csv"
+    _three_runs(path)
+    assert main(["compare", "--plot", f"paths.submissions={tmp_path}"]) == 0
+    assert (tmp_path / "score_history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plot written" in capsys.readouterr().out

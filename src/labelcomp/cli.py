@@ -24,6 +24,12 @@ def _parser() -> argparse.ArgumentParser:
     ):
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument("--config", help="experiment YAML file (e.g. configs/default.yaml)")
+        if name == "compare":
+            command.add_argument("overrides", nargs="*", metavar="RUN | key=value",
+                                 help="two run ids to compare fold by fold, and config overrides")
+            command.add_argument("--plot", action="store_true",
+                                 help="also write submissions/score_history.png: scores over time")
+            continue
         command.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. cv.folds=3")
         if name == "submit":
             command.add_argument("--run", help="run id (default: the experiment's latest finished run)")
@@ -34,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="overwrite an existing competition.yaml")
     check = commands.add_parser("check", help="validate a competition folder and summarise its images")
     check.add_argument("folder")
+    for name, value, text in (("lb", "score", "record a run's leaderboard score"),
+                              ("note", "text", "record a note on a run")):
+        command = commands.add_parser(name, help=text, description=text)
+        command.add_argument("run")
+        command.add_argument(value, type=float if name == "lb" else str)
+        command.add_argument("--config", help="experiment YAML file; its paths.submissions holds the history")
+        command.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
 
 
@@ -74,10 +87,33 @@ def _submit(args: argparse.Namespace) -> None:
 
 def _compare(args: argparse.Namespace) -> None:
     from labelcomp.config import load_config
-    from labelcomp.history import compare_table, history_path, read_history
+    from labelcomp.errors import LabelcompError
+    from labelcomp.history import compare_runs, compare_table, history_path, plot_history, read_history
 
-    config = load_config(args.config, args.overrides)
-    print(compare_table(read_history(history_path(config.paths.submissions))))
+    runs = [item for item in args.overrides if "=" not in item]
+    config = load_config(args.config, [item for item in args.overrides if "=" in item])
+    path = history_path(config.paths.submissions)
+    history = read_history(path)
+    if len(runs) == 2:
+        print(compare_runs(history, *runs))
+    elif runs:
+        raise LabelcompError(f"compare takes two run ids to put side by side, got {len(runs)}: {runs}")
+    else:
+        print(compare_table(history))
+    if args.plot:
+        print(f"plot written: {plot_history(history, path.with_suffix('.png'))}")
+
+
+def _record(args: argparse.Namespace) -> None:
+    from labelcomp.config import load_config
+    from labelcomp.history import history_path, record_lb, record_note
+
+    path = history_path(load_config(args.config, args.overrides).paths.submissions)
+    if args.command == "lb":
+        record_lb(path, args.run, args.score)
+    else:
+        record_note(path, args.run, args.text)
+    print(f"recorded in {path}")
 
 
 def _init(args: argparse.Namespace) -> None:
@@ -98,7 +134,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _train, "submit": _submit, "compare": _compare, "probe": _probe, "lr-find": _lr_find,
-            "init": _init, "check": _check}
+            "init": _init, "check": _check, "lb": _record, "note": _record}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,7 +113,12 @@ class Competition:
         self.spec_path = root / "competition.yaml"
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Competition":
+    def load(cls, folder: str | Path | None) -> "Competition":
+        if folder is None:
+            raise LabelcompError(
+                "config key 'competition' has no value; set it in the YAML file or pass competition=... "
+                "(a folder holding competition.yaml)"
+            )
         root = Path(folder)
         spec_path = root / "competition.yaml"
         if not spec_path.is_file():

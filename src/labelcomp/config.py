@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from labelcomp.errors import LabelcompError
 from labelcomp.runs import write_text_atomic
@@ -141,7 +141,7 @@ class PathsConfig:
 @dataclass
 class Config:
     experiment: str = "default"  # prefix of run ids and the folder under paths.runs
-    competition: str = "???"  # folder holding competition.yaml
+    competition: Optional[str] = None  # folder holding competition.yaml; needed by the commands that read data
     seed: int = 42
     cv: CVConfig = field(default_factory=CVConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -185,8 +185,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if bad:
                 raise LabelcompError(f"override {bad[0]!r} is not key=value; write e.g. model.name=resnet18")
             config = OmegaConf.merge(config, OmegaConf.from_dotlist(overrides))
-        OmegaConf.to_container(config, resolve=True, throw_on_missing=True)
-    except (ConfigKeyError, MissingMandatoryValue, ValidationError) as error:
+        OmegaConf.to_container(config, resolve=True)
+    except (ConfigKeyError, ValidationError) as error:
         raise LabelcompError(_describe(error, source)) from None
     except OmegaConfBaseException as error:
         raise LabelcompError(f"{source}: {error.msg}") from None
@@ -196,8 +196,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def _describe(error: OmegaConfBaseException, source: str) -> str:
     key = error.full_key or "?"
-    if isinstance(error, MissingMandatoryValue):
-        return f"config key '{key}' has no value; set it in the YAML file or pass {key}=... as an override"
     if isinstance(error, ConfigKeyError):
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         known = OmegaConf.select(OmegaConf.structured(Config), parent) if parent else OmegaConf.structured(Config)

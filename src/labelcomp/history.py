@@ -5,13 +5,16 @@ One row per run, updated when a submission or a leaderboard score is added.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from filelock import FileLock
 
-from labelcomp.runs import write_csv_atomic
+from labelcomp.errors import LabelcompError
+from labelcomp.metrics import METRICS
+from labelcomp.runs import write_csv_atomic, write_text_atomic
 
 LEAD_COLUMNS = ["run_id", "created_at", "experiment", "backbone", "metric", "n_folds"]
 TRAIL_COLUMNS = ["cv_mean", "cv_std", "oof_score", "oof_tta_score", "submission", "lb_score", "notes"]
@@ -59,6 +62,22 @@ def record_submission(path: Path, run_id: str, submission: str) -> None:
     _upsert(path, run_id, {"submission": submission})
 
 
+def _known_run(path: Path, run_id: str) -> None:
+    if run_id not in set(read_history(path)["run_id"]):
+        raise LabelcompError(f"{path}: no run '{run_id}'; `make compare` lists the recorded runs")
+
+
+def record_lb(path: Path, run_id: str, score: float) -> None:
+    """The leaderboard score the competition gave the run's submission."""
+    _known_run(path, run_id)
+    _upsert(path, run_id, {"lb_score": score})
+
+
+def record_note(path: Path, run_id: str, text: str) -> None:
+    _known_run(path, run_id)
+    _upsert(path, run_id, {"notes": text})
+
+
 def _number(value: Any, digits: int = 4) -> str:
     return "" if pd.isna(value) else f"{float(value):.{digits}f}"
 
@@ -82,18 +101,99 @@ def fold_table(scores: dict[str, Any]) -> str:
     ])
 
 
+def _change_against_best_earlier(frame: pd.DataFrame) -> list[str]:
+    """Each run's CV mean minus the best CV mean of the earlier runs scored with the same metric."""
+    changes = []
+    for position, (metric, mean) in enumerate(zip(frame["metric"], frame["cv_mean"])):
+        earlier = frame.iloc[:position]
+        earlier = earlier.loc[earlier["metric"] == metric, "cv_mean"].dropna()
+        if earlier.empty or pd.isna(mean):
+            changes.append("")
+            continue
+        best = earlier.max() if METRICS[metric].mode == "max" else earlier.min()
+        changes.append(f"{float(mean) - float(best):+.4f}")
+    return changes
+
+
 def compare_table(frame: pd.DataFrame) -> str:
-    """Every run in time order: per-fold scores, CV mean ± std, OOF with and without TTA, submission, LB."""
+    """Every run in time order: per-fold scores, CV mean ± std, the change against the best earlier
+    run, OOF with and without TTA, submission, leaderboard score and note."""
     if frame.empty:
         return "no runs recorded yet; train one with `make train`"
-    frame = frame.sort_values("created_at", kind="stable")
+    frame = frame.sort_values("created_at", kind="stable").reset_index(drop=True)
     folds = _fold_columns(frame.columns)
     table = pd.DataFrame({"run_id": frame["run_id"], "backbone": frame["backbone"], "metric": frame["metric"]})
     for column in folds:
         table[column] = frame[column].map(_number)
     table["cv"] = [f"{_number(mean)} ± {_number(std)}" for mean, std in zip(frame["cv_mean"], frame["cv_std"])]
+    table["vs best"] = _change_against_best_earlier(frame)
     table["oof"] = frame["oof_score"].map(_number)
     table["oof_tta"] = frame["oof_tta_score"].map(_number)
     table["submission"] = frame["submission"].fillna("")
     table["lb"] = frame["lb_score"].map(_number)
+    table["note"] = frame["notes"].fillna("")
     return table.to_string(index=False)
+
+
+def compare_runs(frame: pd.DataFrame, first: str, second: str) -> str:
+    """Two runs fold by fold with the paired difference (second minus first)."""
+    rows = {}
+    for run_id in (first, second):
+        match = frame[frame["run_id"] == run_id]
+        if match.empty:
+            raise LabelcompError(f"no run '{run_id}' in the score history; `make compare` lists them")
+        rows[run_id] = match.iloc[0]
+    a, b = rows[first], rows[second]
+    if a["metric"] != b["metric"] or a["n_folds"] != b["n_folds"]:
+        raise LabelcompError(
+            f"runs {first} ({a['n_folds']} folds, {a['metric']}) and {second} ({b['n_folds']} folds, "
+            f"{b['metric']}) are not scored on the same folds and metric; a paired comparison needs both"
+        )
+    folds = [f"fold_{k}" for k in range(int(a["n_folds"]))]
+    difference = b[folds].astype(float).to_numpy() - a[folds].astype(float).to_numpy()
+    table = pd.DataFrame({"fold": range(len(folds)), first: a[folds].map(_number).to_numpy(),
+                          second: b[folds].map(_number).to_numpy(),
+                          "difference": [f"{value:+.4f}" for value in difference]})
+    spread = difference.std(ddof=1) if len(difference) > 1 else 0.0
+    wins = int((difference > 0).sum()) if METRICS[a["metric"]].mode == "max" else int((difference < 0).sum())
+    return "\n".join([
+        table.to_string(index=False),
+        f"mean difference {difference.mean():+.4f} ± {spread:.4f} (std over folds); "
+        f"{second} better on {wins} of {len(folds)} folds ({a['metric']})",
+    ])
+
+
+def plot_history(frame: pd.DataFrame, path: Path) -> Path:
+    """Score progression over time: CV mean with each run's fold spread, and leaderboard scores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if frame.empty:
+        raise LabelcompError("no runs recorded yet; train one with `make train`")
+    frame = frame.sort_values("created_at", kind="stable").reset_index(drop=True)
+    folds = _fold_columns(frame.columns)
+    figure, axis = plt.subplots(figsize=(max(6, 0.9 * len(frame) + 3), 4.5))
+    order = range(len(frame))
+    for position, row in frame.iterrows():
+        scores = row[folds].dropna().astype(float)
+        axis.scatter([position] * len(scores), scores, color="tab:blue", alpha=0.35, s=14,
+                     label="fold scores" if position == 0 else None)
+    axis.plot(order, frame["cv_mean"].astype(float), "o-", color="tab:blue", label="CV mean")
+    axis.plot(order, frame["oof_tta_score"].astype(float), "s--", color="tab:green", alpha=0.8, label="OOF with TTA")
+    if frame["lb_score"].notna().any():
+        axis.plot(order, frame["lb_score"].astype(float), "D", color="tab:red", label="leaderboard")
+    axis.set_xticks(list(order))
+    axis.set_xticklabels([f"{run}\n{str(created)[:10]}" for run, created in zip(frame["run_id"], frame["created_at"])],
+                         rotation=30, ha="right", fontsize=7)
+    axis.set_ylabel(", ".join(sorted(frame["metric"].dropna().unique())))
+    axis.set_title("score history")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=110)
+    plt.close(figure)
+    write_text_atomic(path, image.getvalue())
+    return path

@@ -15,13 +15,13 @@ import pandas as pd
 from labelcomp.errors import LabelcompError
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, data: str | bytes) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            stream.write(text)
+        with os.fdopen(handle, "wb" if isinstance(data, bytes) else "w", **({} if isinstance(data, bytes) else {"newline": ""})) as stream:
+            stream.write(data)
         # mkstemp creates owner-only files; give the file the permissions a plain open() would
         umask = os.umask(0)
         os.umask(umask)
