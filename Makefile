@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 train: $(VENV)/.installed
-	$(BIN)/labelcomp train --config $(CONFIG) $(ARGS)
+	$(BIN)/labelcomp train --config $(CONFIG) $(if $(RUN),--resume $(RUN)) $(ARGS)
 
 submit: $(VENV)/.installed
 	$(BIN)/labelcomp submit --config $(CONFIG) $(if $(RUN),--run $(RUN)) $(ARGS)

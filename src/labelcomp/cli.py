@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. cv.folds=3")
         if name == "submit":
             command.add_argument("--run", help="run id (default: the experiment's latest finished run)")
+        if name == "train":
+            command.add_argument("--resume", metavar="RUN", help="continue an interrupted run with its saved config")
+            command.add_argument("--run", help="run id to create or join: fold jobs in parallel share it")
+            command.add_argument("--folds", help="only these folds, e.g. 0,1 (the rest by other jobs)")
         if name == "lr-find":
             command.add_argument("--stage", type=int, default=0, help="index of the finetune stage (default 0)")
     init = commands.add_parser("init", help="guess a competition.yaml for a downloaded competition folder")
@@ -52,11 +56,25 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> None:
     from labelcomp.config import load_config
+    from labelcomp.errors import LabelcompError
     from labelcomp.history import fold_table
+    from labelcomp.runs import find_run
     from labelcomp.train import run
 
-    _, scores = run(load_config(args.config, args.overrides))
-    print(fold_table(scores))
+    config = load_config(args.config, args.overrides)
+    run_id = args.run
+    if args.resume:
+        resumed = find_run(config.paths.runs, config.experiment, args.resume, finished=False)
+        config, run_id = load_config(resumed.config, args.overrides), resumed.run_id
+    try:
+        folds = [int(fold) for fold in args.folds.split(",")] if args.folds else None
+    except ValueError:
+        raise LabelcompError(f"--folds {args.folds!r}: expected fold numbers separated by commas, e.g. 0,1") from None
+    run_dir, scores = run(config, run_id, folds)
+    if scores is None:
+        print(f"folds {args.folds} of run {run_dir.run_id} done; scores come when every fold is")
+    else:
+        print(fold_table(scores))
 
 
 def _probe(args: argparse.Namespace) -> None:

@@ -75,6 +75,10 @@ class RunDir:
     def checkpoint(self, fold: int) -> Path:
         return self.fold_dir(fold) / "best.ckpt"
 
+    def last_checkpoint(self, fold: int) -> Path:
+        """Written every epoch while the fold trains, so an interrupted fold continues."""
+        return self.fold_dir(fold) / "last.ckpt"
+
 
 def new_run(runs_root: str | Path, experiment: str) -> RunDir:
     """A fresh folder named `<experiment>-<local time>`; a suffix keeps runs started in one second apart."""
@@ -91,12 +95,14 @@ def new_run(runs_root: str | Path, experiment: str) -> RunDir:
     raise LabelcompError(f"{parent}: could not create a new run folder")
 
 
-def find_run(runs_root: str | Path, experiment: str, run_id: str | None = None) -> RunDir:
+def find_run(runs_root: str | Path, experiment: str, run_id: str | None = None, finished: bool = True) -> RunDir:
     """The named run, or the latest finished run (one with scores.json) of the experiment."""
     parent = Path(runs_root) / experiment
     if run_id:
         for candidate in (parent / run_id, *Path(runs_root).glob(f"*/{run_id}")):
-            if candidate.is_dir():
+            if (candidate / "config.yaml").is_file():
+                if finished and not (candidate / "scores.json").is_file():
+                    raise LabelcompError(f"run '{run_id}' has unfinished folds; `make train RUN={run_id}` continues it")
                 return RunDir(candidate)
         raise LabelcompError(f"run '{run_id}' not found under {runs_root}/; list runs with `make compare`")
     finished = sorted(path.parent for path in parent.glob("*/scores.json"))

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from labelcomp import __version__, history
@@ -26,6 +27,7 @@ from labelcomp.augment import build_transforms, tta_views
 from labelcomp.competition import Competition
 from labelcomp.config import save_config
 from labelcomp.data import ImageDataModule
+from labelcomp.errors import LabelcompError
 from labelcomp.finetune import StagedFinetuning, resolve_stages
 from labelcomp.folds import assign_folds, fold_groups
 from labelcomp.metrics import METRICS, multiclass_log_loss
@@ -82,18 +84,52 @@ def prepare(config: DictConfig) -> Prepared:
     return Prepared(competition, train, folds, cache)
 
 
-def run(config: DictConfig) -> tuple[RunDir, dict[str, Any]]:
+def run(
+    config: DictConfig, run_id: str | None = None, only_folds: list[int] | None = None
+) -> tuple[RunDir, dict[str, Any] | None]:
+    """Train the folds of a run (all, or `only_folds`), skipping finished ones and continuing an
+    interrupted one from its last checkpoint. `run_id` names a run to create or join, so that fold
+    jobs in separate processes share it. Scores and the history row come when every fold is done;
+    until then the returned scores are None."""
     competition, train, folds, cache = prepare(config)
-    run_dir = new_run(config.paths.runs, config.experiment)
+    run_dir, folds = open_run(config, folds, run_id)
     _logger.info("run %s in %s", run_dir.run_id, run_dir.root)
-    save_config(config, run_dir.config)
-    write_csv_atomic(folds, run_dir.folds)
-    for fold in range(config.cv.folds):
+    for fold in only_folds if only_folds is not None else range(config.cv.folds):
+        if not 0 <= fold < config.cv.folds:
+            raise LabelcompError(f"--folds: fold {fold} does not exist; cv.folds is {config.cv.folds}")
+        if run_dir.fold_oof(fold).exists():
+            _logger.info("fold %d/%d: done before, skipped", fold + 1, config.cv.folds)
+            continue
         checkpoint = fit_fold(config, competition, train, folds, fold, run_dir, cache)
         predict_oof(config, competition, train, folds, fold, checkpoint, run_dir, cache)
+        run_dir.last_checkpoint(fold).unlink(missing_ok=True)  # only needed to resume the fold
+    if not all(run_dir.fold_oof(fold).exists() for fold in range(config.cv.folds)):
+        return run_dir, None
     scores = write_scores(run_dir, competition, config)
     history.record_run(history.history_path(config.paths.submissions), run_row(run_dir, config, scores))
     return run_dir, scores
+
+
+def open_run(config: DictConfig, folds: pd.DataFrame, run_id: str | None) -> tuple[RunDir, pd.DataFrame]:
+    """A new run folder, or the named one (created by whichever fold job comes first). A joined run
+    keeps its own folds, and must have been split the same way."""
+    if run_id is None:
+        run_dir = new_run(config.paths.runs, config.experiment)
+    else:
+        run_dir = RunDir(Path(config.paths.runs) / config.experiment / run_id)
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(run_dir.root / ".setup.lock")):
+        if run_dir.folds.exists():
+            saved = pd.read_csv(run_dir.folds, dtype={"id": str})
+            if not (saved["id"].equals(folds["id"]) and saved["fold"].equals(folds["fold"])):
+                raise LabelcompError(
+                    f"{run_dir.folds}: this run split the data differently; join it with the same config, "
+                    "competition and seed"
+                )
+            return run_dir, saved
+        save_config(config, run_dir.config)
+        write_csv_atomic(folds, run_dir.folds)
+    return run_dir, folds
 
 
 def fit_fold(
@@ -122,7 +158,7 @@ def fit_fold(
     fold_dir = run_dir.fold_dir(fold)
     best = ModelCheckpoint(
         dirpath=fold_dir, filename=run_dir.checkpoint(fold).stem, monitor=metric.monitor, mode=metric.mode,
-        save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
+        save_top_k=1, save_last=True, auto_insert_metric_name=False, enable_version_counter=False,
     )
     trainer = L.Trainer(
         max_epochs=sum(stage["epochs"] for stage in finetune["stages"]),
@@ -138,7 +174,10 @@ def fit_fold(
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10,
         enable_progress_bar=config.trainer.progress_bar,
     )
-    trainer.fit(module, datamodule=data)
+    resume = run_dir.last_checkpoint(fold)
+    if resume.exists():
+        _logger.info("fold %d/%d: continuing from %s", fold + 1, config.cv.folds, resume)
+    trainer.fit(module, datamodule=data, ckpt_path=resume if resume.exists() else None)
     return Path(best.best_model_path)
 
 
