@@ -65,3 +65,34 @@ def test_group_column_of_the_competition_switches_to_group_folds(tiny_competitio
     train = Competition.load(tiny_competition).read_train()
     folds = assign_folds(train, 4, seed=0, groups=fold_groups(train, []))
     assert (pd.crosstab(train["group"], folds["fold"]) > 0).sum(axis=1).eq(1).all()  # each site in one fold
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_augmentations_repeat_across_runs_and_differ_across_epochs(tiny_competition, workers):
+    import lightning as L
+    import torch
+
+    from labelcomp.augment import build_transforms
+    from labelcomp.config import load_config
+    from labelcomp.data import ImageDataModule
+    from conftest import REPO, tiny_overrides
+
+    config = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(tiny_competition.parent, tiny_competition))
+    config.augment.mean, config.augment.std = [0.5] * 3, [0.5] * 3
+    # one image 16 times: the loader's shuffling cannot make epochs differ, only augmentation can
+    train = Competition.load(tiny_competition).read_train().iloc[[0] * 16].reset_index(drop=True)
+
+    def two_epochs():
+        L.seed_everything(3, workers=True)
+        data = ImageDataModule(batch_size=8, num_workers=workers, train=train,
+                               train_transform=build_transforms(config.augment, train=True, seed=3))
+        loader = data.train_dataloader()
+        return [torch.cat([images for images, _ in loader]) for _ in range(2)]
+
+    def drawn(images):  # the epoch's augmented versions, whatever order they came in
+        return torch.sort(images.flatten(1).sum(1)).values
+
+    first, second = two_epochs(), two_epochs()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))  # same seed: same augmented images
+    assert not torch.allclose(drawn(first[0]), drawn(first[1]))  # a new epoch draws new augmentations
+    assert len(set(drawn(first[0]).tolist())) > 1  # and the copies within an epoch differ too

@@ -128,6 +128,8 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "32-true"
+    # Lightning's deterministic mode; "warn" only warns about ops without a deterministic kernel (GPU)
+    deterministic: Any = "warn"
     early_stopping_patience: int = 3
     progress_bar: bool = True
 

@@ -171,6 +171,7 @@ def fit_fold(
             LearningRateMonitor(logging_interval="step"),
         ],
         logger=CSVLogger(fold_dir, name="logs", version=""),
+        deterministic=config.trainer.deterministic,
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10,
         enable_progress_bar=config.trainer.progress_bar,
     )
