@@ -193,3 +193,16 @@ def test_lr_find_saves_its_plot_and_prints_a_suggestion(tmp_path, capsys):
     assert f"plot: {plot}" in printed and (found["suggestion"] is None or f"{found['suggestion']:.2e}" in printed)
     assert main(["lr-find", "--config", SMOKE, "--stage", "5", *overrides]) == 2
     assert "--stage 5: the config has stages 0 to 1" in capsys.readouterr().err
+
+
+def test_report_explains_a_run_with_plots(trained, capsys):
+    assert main(["report", "--config", SMOKE, "--run", trained["run"].name, *trained["overrides"]]) == 0
+    report = (trained["run"] / "report.md").read_text()
+    assert f"report written: {trained['run'] / 'report.md'}" in capsys.readouterr().out
+    for section in ("## Config changes from the defaults", "## Folds", "## Confusion matrix",
+                    "## Per-class accuracy", "## Most confident mistakes", "## Grad-CAM"):
+        assert section in report
+    assert "`cv.folds`: 5 → 2" in report and "CV accuracy:" in report
+    for picture in ("confusion_matrix.png", "mistakes.png", "best.png", "grad_cam.png"):
+        assert f"]({picture})" in report
+        assert (trained["run"] / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -90,3 +90,31 @@ def test_ema_weights_are_validated_checkpointed_and_predict(tmp_path):
         assert torch.equal(module(images), averaged)  # what validation and prediction call
         reloaded = load_classifier(tmp_path / "ema.ckpt").eval()
         assert torch.allclose(reloaded(images), averaged, atol=1e-6)
+
+
+def test_grad_cam_points_at_the_evidence_and_skips_vit_tokens():
+    from types import SimpleNamespace
+
+    from labelcomp.report import grad_cam
+
+    class HotSpot(torch.nn.Module):
+        """Features light up in the top-left quarter; class 1 is that channel's positive evidence."""
+
+        def forward_features(self, images):
+            features = torch.zeros(1, 2, 4, 4)
+            features[0, 0, :2, :2] = images.mean() + 1.0
+            return features
+
+        def forward_head(self, features):
+            return features.mean(dim=(2, 3)) @ torch.tensor([[0.0, 3.0], [1.0, 0.0]])
+
+    cam = grad_cam(SimpleNamespace(net=HotSpot(), ema=None), torch.zeros(3, 32, 32), target=1)
+    assert cam.shape == (32, 32) and cam.max() == pytest.approx(1.0) and cam.min() >= 0
+    assert cam[:8, :8].mean() > 0.9 and cam[24:, 24:].max() == 0  # bright where the evidence is
+    vit = ClassifierModule(
+        model={"name": "vit_tiny_patch16_224", "pretrained": False, "pretrained_cfg": {}, "kwargs": {"img_size": 32},
+               "drop_rate": 0.0, "zero_init_head": False},
+        optim={"name": "adamw", "weight_decay": 0.0, "label_smoothing": 0.0},
+        finetune={"stages": STAGES, "min_lr_ratio": 0.01}, num_classes=3, metric="accuracy",
+    ).eval()
+    assert grad_cam(vit, torch.zeros(3, 32, 32), target=1) is None

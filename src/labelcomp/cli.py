@@ -21,6 +21,7 @@ def _parser() -> argparse.ArgumentParser:
         ("compare", "print every run of the score history"),
         ("probe", "the frozen-feature baseline: LogisticRegression on pretrained features, per fold"),
         ("lr-find", "suggest a learning rate for a fine-tuning stage (Lightning's lr range test)"),
+        ("report", "write report.md with plots into a finished run's folder"),
     ):
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument("--config", help="experiment YAML file (e.g. configs/default.yaml)")
@@ -31,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
                                  help="also write submissions/score_history.png: scores over time")
             continue
         command.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. cv.folds=3")
-        if name == "submit":
+        if name in ("submit", "report"):
             command.add_argument("--run", help="run id (default: the experiment's latest finished run)")
         if name == "train":
             command.add_argument("--resume", metavar="RUN", help="continue an interrupted run with its saved config")
@@ -95,6 +96,13 @@ def _lr_find(args: argparse.Namespace) -> None:
     print(f"{found}; plot: {plot}")
 
 
+def _report(args: argparse.Namespace) -> None:
+    from labelcomp.config import load_config
+    from labelcomp.report import write_report
+
+    print(f"report written: {write_report(load_config(args.config, args.overrides), args.run)}")
+
+
 def _submit(args: argparse.Namespace) -> None:
     from labelcomp.config import load_config
     from labelcomp.submit import submit
@@ -152,7 +160,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _train, "submit": _submit, "compare": _compare, "probe": _probe, "lr-find": _lr_find,
-            "init": _init, "check": _check, "lb": _record, "note": _record}
+            "init": _init, "check": _check, "lb": _record, "note": _record, "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:
