@@ -3,7 +3,6 @@
 import math
 
 import lightning as L
-import pandas as pd
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
@@ -11,7 +10,6 @@ from omegaconf import OmegaConf
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from labelcomp.augment import build_transforms
-from labelcomp.competition import Competition
 from labelcomp.data import ImageDataModule
 from labelcomp.errors import LabelcompError
 from labelcomp.finetune import StagePlan, StagedFinetuning, block_groups, check_stages
@@ -74,7 +72,7 @@ def fitted(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("finetune")
     config = tiny_config(tmp_path, make_competition(tmp_path / "tiny"))
     config.merge_with({"finetune": {"stages": STAGES}})
-    competition, train, _, _ = prepare(config)
+    competition, train, _, _, _ = prepare(config)
     module = ClassifierModule(
         model=OmegaConf.to_container(config.model), optim=OmegaConf.to_container(config.optim),
         finetune=OmegaConf.to_container(config.finetune), num_classes=competition.num_classes,

@@ -5,7 +5,6 @@ One row per run, updated when a submission or a leaderboard score is added.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from filelock import FileLock
 
 from labelcomp.errors import LabelcompError
 from labelcomp.metrics import METRICS
-from labelcomp.runs import write_csv_atomic, write_text_atomic
+from labelcomp.runs import write_csv_atomic, write_figure_atomic
 
 LEAD_COLUMNS = ["run_id", "created_at", "experiment", "backbone", "metric", "n_folds"]
 TRAIL_COLUMNS = ["cv_mean", "cv_std", "oof_score", "oof_tta_score", "submission", "lb_score", "notes"]
@@ -191,9 +190,5 @@ def plot_history(frame: pd.DataFrame, path: Path) -> Path:
     axis.set_title("score history")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    image = io.BytesIO()
-    figure.savefig(image, format="png", dpi=110)
-    plt.close(figure)
-    write_text_atomic(path, image.getvalue())
+    write_figure_atomic(figure, path, dpi=110)
     return path

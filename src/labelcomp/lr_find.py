@@ -26,7 +26,7 @@ from labelcomp.data import ImageDataModule
 from labelcomp.errors import LabelcompError
 from labelcomp.finetune import StagedFinetuning
 from labelcomp.model import ClassifierModule
-from labelcomp.runs import new_run, write_text_atomic
+from labelcomp.runs import new_run, write_figure_atomic, write_text_atomic
 from labelcomp.train import prepare
 
 _logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ _logger = logging.getLogger(__name__)
 
 def find_lr(config: DictConfig, stage_index: int = 0, num_training: int = 100) -> tuple[float | None, Path]:
     """The suggested lr for stage `stage_index` (None when the curve gives none) and the plot's path."""
-    competition, train, folds, cache = prepare(config)
+    competition, train, _, folds, cache = prepare(config)
     finetune = OmegaConf.to_container(config.finetune, resolve=True)
     if not 0 <= stage_index < len(finetune["stages"]):
         raise LabelcompError(f"--stage {stage_index}: the config has stages 0 to {len(finetune['stages']) - 1}")
@@ -67,7 +67,7 @@ def find_lr(config: DictConfig, stage_index: int = 0, num_training: int = 100) -
     plot = run_dir.root / f"lr_find_stage{stage_index}.png"
     figure = finder.plot(suggest=suggestion is not None)
     figure.axes[0].set_title(f"{config.model.name}, stage {stage_index} ({stage['train']}): lr range test")
-    figure.savefig(plot, dpi=100)
+    write_figure_atomic(figure, plot)
     write_text_atomic(run_dir.root / "lr_find.json",
                       json.dumps({"stage": stage_index, "suggestion": suggestion, "results": finder.results}) + "\n")
     return suggestion, plot

@@ -48,8 +48,7 @@ def _class_proba(classifier, features: np.ndarray, num_classes: int) -> np.ndarr
 
 def run_probe(config: DictConfig) -> tuple[RunDir, dict[str, Any]]:
     config.experiment = f"{config.experiment}-probe"
-    competition, train, folds, cache = prepare(config)
-    test = competition.read_test()
+    competition, train, test, folds, cache = prepare(config)
     features = PooledFeatures(build_model(config.model, competition.num_classes)).eval()
     _logger.info("extracting features of %d training and %d test images", len(train), len(test))
     train_views = predict_views(features, train, config, cache, softmax=False)

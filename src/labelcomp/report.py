@@ -5,7 +5,6 @@ never saw them."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -27,17 +26,10 @@ from labelcomp.config import load_config
 from labelcomp.data import read_image
 from labelcomp.history import fold_table
 from labelcomp.predict import load_classifier
-from labelcomp.runs import RunDir, find_run, write_text_atomic
+from labelcomp.runs import RunDir, find_run, write_figure_atomic, write_text_atomic
 
 GRID = 12
 GRAD_CAM = 4
-
-
-def _save(figure, path: Path) -> None:
-    image = io.BytesIO()
-    figure.savefig(image, format="png", dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    write_text_atomic(path, image.getvalue())
 
 
 def _flatten(tree, prefix: str = "") -> dict[str, object]:
@@ -63,7 +55,7 @@ def _grid(rows: pd.DataFrame, paths: dict[str, str], title: str, path: Path) -> 
         axis.imshow(read_image(paths[row["id"]]))
         axis.set_title(f"true {row['label']}\npred {row['predicted']} {row['confidence']:.2f}", fontsize=6.5)
     figure.suptitle(title)
-    _save(figure, path)
+    write_figure_atomic(figure, path)
 
 
 def grad_cam(classifier, image: torch.Tensor, target: int) -> np.ndarray | None:
@@ -99,7 +91,7 @@ def write_report(config: DictConfig, run_id: str | None = None) -> Path:
     ConfusionMatrixDisplay.from_predictions(target, proba.argmax(1), labels=range(len(labels)), display_labels=labels,
                                             ax=axis, xticks_rotation=90, colorbar=False, include_values=len(labels) <= 25)
     axis.set_title("OOF confusion matrix (with TTA)")
-    _save(figure, run.root / "confusion_matrix.png")
+    write_figure_atomic(figure, run.root / "confusion_matrix.png")
 
     per_class = oof.assign(correct=oof["label"] == oof["predicted"]).groupby("label")["correct"].agg(["mean", "size"])
     per_class = per_class.reindex(labels).rename(columns={"mean": "accuracy", "size": "images"})
@@ -128,7 +120,7 @@ def write_report(config: DictConfig, run_id: str | None = None) -> Path:
             for axis in axes[:, column]:
                 axis.axis("off")
         figure.suptitle("Grad-CAM of the predicted class, fold model that never saw the image")
-        _save(figure, run.root / "grad_cam.png")
+        write_figure_atomic(figure, run.root / "grad_cam.png")
 
     lines = [
         f"# Run {run.run_id}", "",

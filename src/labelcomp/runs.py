@@ -5,6 +5,7 @@ Everything after training reads a run folder, never the training process's memor
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from datetime import datetime
@@ -16,12 +17,13 @@ from labelcomp.errors import LabelcompError
 
 
 def write_text_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    """Write to a temporary file beside `path`, then rename: readers never see half a file.
+    Text is written as UTF-8 exactly as given (no newline translation)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "wb" if isinstance(data, bytes) else "w", **({} if isinstance(data, bytes) else {"newline": ""})) as stream:
-            stream.write(data)
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data.encode() if isinstance(data, str) else data)
         # mkstemp creates owner-only files; give the file the permissions a plain open() would
         umask = os.umask(0)
         os.umask(umask)
@@ -30,6 +32,16 @@ def write_text_atomic(path: Path, data: str | bytes) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_figure_atomic(figure, path: Path, dpi: int = 100) -> None:
+    """A matplotlib figure as PNG, written atomically, then closed."""
+    import matplotlib.pyplot as plt
+
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(figure)
+    write_text_atomic(path, image.getvalue())
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: Path, **to_csv_args) -> None:

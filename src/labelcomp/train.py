@@ -51,6 +51,7 @@ warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is depr
 class Prepared(NamedTuple):
     competition: Competition
     train: pd.DataFrame
+    test: pd.DataFrame
     folds: pd.DataFrame
     cache: dict[str, np.ndarray] | None  # decoded training images, when data.cache_images is on
 
@@ -81,7 +82,7 @@ def prepare(config: DictConfig) -> Prepared:
         config.augment.std = config.augment.std or std
     build_transforms(config.augment, train=True)
     build_transforms(config.augment, train=False)
-    return Prepared(competition, train, folds, cache)
+    return Prepared(competition, train, test, folds, cache)
 
 
 def run(
@@ -91,7 +92,7 @@ def run(
     interrupted one from its last checkpoint. `run_id` names a run to create or join, so that fold
     jobs in separate processes share it. Scores and the history row come when every fold is done;
     until then the returned scores are None."""
-    competition, train, folds, cache = prepare(config)
+    competition, train, _, folds, cache = prepare(config)
     run_dir, folds = open_run(config, folds, run_id)
     _logger.info("run %s in %s", run_dir.run_id, run_dir.root)
     for fold in only_folds if only_folds is not None else range(config.cv.folds):
