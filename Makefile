@@ -19,7 +19,7 @@ train: $(VENV)/.installed
 	$(BIN)/labelcomp train --config $(CONFIG) $(if $(RUN),--resume $(RUN)) $(ARGS)
 
 submit: $(VENV)/.installed
-	$(BIN)/labelcomp submit --config $(CONFIG) $(if $(RUN),--run $(RUN)) $(ARGS)
+	$(BIN)/labelcomp submit --config $(CONFIG) $(if $(RUN),--run $(RUN)) $(if $(RUNS),--runs $(RUNS)) $(ARGS)
 
 compare: $(VENV)/.installed
 	$(BIN)/labelcomp compare --config $(CONFIG) $(ARGS)

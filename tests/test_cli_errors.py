@@ -32,7 +32,12 @@ CASES = {
     "weights of another architecture": (None, ["model.name=resnet18"], "holds mobilenetv2_035 weights"),
     "unknown model": (None, ["model.name=resnet9000", "model.pretrained=false"], "'resnet9000' is not a timm model"),
     "unknown augmentation": (None, ["augment.train=[{name: Sparkle}]"], "'Sparkle' is not an Albumentations transform"),
-    "unknown tta": (None, ["tta=spin"], "tta 'spin' is unknown"),
+    "unknown tta": (None, ["tta=spin"], "tta policy 'spin' is unknown"),
+    "unknown tta in the scored list": (None, ["tta.policies=[hflip,spin]"], "tta policy 'spin' is unknown"),
+    "unknown tta merge": (None, ["tta.merge=median"], "tta.merge 'median' is unknown"),
+    "bad tta scales": (None, ["tta.scales=[1.0,-2]"], "tta.scales [1.0, -2.0]: expected positive"),
+    "bad tta crop": (None, ["tta.crop=1.5"], "tta.crop 1.5: expected a fraction"),
+    "unknown fold weights": (None, ["ensemble.fold_weights=best"], "ensemble.fold_weights 'best' is unknown"),
     "more folds than images in a class": (None, ["cv.folds=11"], "fewer images than cv.folds=11"),
 }
 

@@ -51,7 +51,7 @@ def test_run_folder_follows_the_contract(trained):
     for name in ("config.yaml", "folds.csv", "oof.csv", "oof_tta.csv", "scores.json"):
         assert (run / name).is_file(), name
     for fold in (0, 1):
-        for name in ("best.ckpt", "oof.csv", "oof_tta.csv", "logs/metrics.csv"):
+        for name in ("best.ckpt", "oof.csv", "oof_views.npz", "logs/metrics.csv"):
             assert (run / f"fold_{fold}" / name).is_file(), (fold, name)
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     # normalisation and timm arguments from the weights card are resolved into the run's config
@@ -142,7 +142,7 @@ def test_smoke_config_trains_the_full_demo_from_the_command_line(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "CV accuracy:" in result.stdout and "with TTA (hflip)" in result.stdout
+    assert "CV accuracy:" in result.stdout and "OOF accuracy by TTA policy" in result.stdout
     scores = json.loads(next((tmp_path / "runs" / "smoke").glob("*/scores.json")).read_text())
     assert len(scores["folds"]) == 2 and sum(row["n"] for row in scores["folds"]) == 2000
     # 20 classes: chance is 0.05; even one short epoch per stage on 32 px images learns something
@@ -206,3 +206,59 @@ def test_report_explains_a_run_with_plots(trained, capsys):
     for picture in ("confusion_matrix.png", "mistakes.png", "best.png", "grad_cam.png"):
         assert f"]({picture})" in report
         assert (trained["run"] / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_listed_tta_policy_is_scored_on_oof_and_auto_takes_the_best(trained):
+    run = trained["run"]
+    scores = json.loads((run / "scores.json").read_text())
+    labels = yaml.safe_load((trained["competition"] / "competition.yaml").read_text())["labels"]
+    folds = _read(run / "folds.csv")
+    # the fold files' raw outputs, joined in the run's order, merged here by hand (mean of softmax)
+    outputs, ids = [], []
+    for fold in (0, 1):
+        with np.load(run / f"fold_{fold}" / "oof_views.npz") as archive:
+            views = archive["views"].tolist()
+            outputs.append(archive["outputs"])
+            ids += archive["ids"].tolist()
+    order = [ids.index(image_id) for image_id in folds["id"]]
+    outputs = np.concatenate(outputs, axis=1)[:, order]
+    probabilities = np.exp(outputs) / np.exp(outputs).sum(-1, keepdims=True)
+    target = _read(run / "oof.csv")["label"].map(labels.index).to_numpy()
+    tta = yaml.safe_load((run / "config.yaml").read_text())["tta"]
+    by_hand = {}
+    for policy in tta["policies"]:
+        names = {"none": ["identity"], "hflip": ["identity", "hflip"],
+                 "flips": ["identity", "hflip", "vflip", "rot180"]}.get(policy)
+        if names is None:
+            continue
+        by_hand[policy] = (probabilities[[views.index(name) for name in names]].mean(0).argmax(1) == target).mean()
+    assert set(scores["tta"]["oof_scores"]) == set(tta["policies"])
+    for policy, score in by_hand.items():
+        assert scores["tta"]["oof_scores"][policy] == pytest.approx(score)
+    best = max(scores["tta"]["oof_scores"].values())
+    assert scores["tta"]["chosen_by"] == "oof" and scores["tta"]["oof_scores"][scores["tta"]["policy"]] == best
+    assert scores["oof_tta_score"] == pytest.approx(best)
+    # the identity view is the prediction without TTA
+    np.testing.assert_allclose(_read(run / "oof.csv")[labels].to_numpy(), probabilities[0], atol=1e-6)
+
+
+def test_submit_predicts_with_the_policy_the_run_chose_and_the_fold_weights(trained, monkeypatch):
+    from labelcomp import submit as submit_module
+
+    calls = []
+
+    def recording(checkpoints, frame, config, views, weights):
+        calls.append((views, weights))
+        return np.full((len(frame), 4), 0.25)
+
+    monkeypatch.setattr(submit_module, "predict_folds", recording)
+    scores = json.loads((trained["run"] / "scores.json").read_text())
+    fold_scores = np.array([fold["score"] for fold in scores["folds"]])
+    assert main(["submit", "--config", SMOKE, *trained["overrides"]]) == 0
+    assert main(["submit", "--config", SMOKE, *trained["overrides"], "tta=hflip", "ensemble.fold_weights=score"]) == 0
+    chosen = calls[0][0]
+    assert len(chosen) == {"none": 1, "hflip": 2, "flips": 4, "d4": 8, "multiscale": 3, "fivecrop": 5}[
+        scores["tta"]["policy"]]
+    np.testing.assert_allclose(calls[0][1], [0.5, 0.5])
+    assert calls[1][0] == ["identity", "hflip"]
+    np.testing.assert_allclose(calls[1][1], fold_scores / fold_scores.sum())

@@ -17,7 +17,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("train", "train every fold of an experiment, print fold scores, CV and OOF, record the run"),
-        ("submit", "predict the test set with a run's fold models and TTA, write the submission"),
+        ("submit", "predict the test set with a run's fold models and TTA (or blend runs), write the submission"),
         ("compare", "print every run of the score history"),
         ("probe", "the frozen-feature baseline: LogisticRegression on pretrained features, per fold"),
         ("lr-find", "suggest a learning rate for a fine-tuning stage (Lightning's lr range test)"),
@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. cv.folds=3")
         if name in ("submit", "report"):
             command.add_argument("--run", help="run id (default: the experiment's latest finished run)")
+        if name == "submit":
+            command.add_argument("--runs", metavar="A,B,...",
+                                 help="blend these finished runs with weights fitted on their OOF predictions")
         if name == "train":
             command.add_argument("--resume", metavar="RUN", help="continue an interrupted run with its saved config")
             command.add_argument("--run", help="run id to create or join: fold jobs in parallel share it")
@@ -105,9 +108,18 @@ def _report(args: argparse.Namespace) -> None:
 
 def _submit(args: argparse.Namespace) -> None:
     from labelcomp.config import load_config
+    from labelcomp.errors import LabelcompError
     from labelcomp.submit import submit
 
-    path = submit(load_config(args.config, args.overrides), args.run, args.overrides)
+    if args.runs:
+        from labelcomp.blend import blend
+
+        if args.run:
+            raise LabelcompError("give either --run (one run) or --runs (a blend), not both")
+        path, summary = blend(load_config(args.config, args.overrides), args.runs.split(","))
+        print(summary)
+    else:
+        path = submit(load_config(args.config, args.overrides), args.run, args.overrides)
     print(f"submission written: {path}")
 
 

@@ -83,7 +83,7 @@ def _number(value: Any, digits: int = 4) -> str:
 
 def fold_table(scores: dict[str, Any]) -> str:
     """The per-fold table of one run, with CV mean ± std and OOF scores with and without TTA."""
-    metric = scores["metric"]
+    metric, tta = scores["metric"], scores["tta"]
     rows = pd.DataFrame(
         {"fold": [row["fold"] for row in scores["folds"]],
          "images": [row["n"] for row in scores["folds"]],
@@ -96,7 +96,10 @@ def fold_table(scores: dict[str, Any]) -> str:
         rows.to_string(index=False),
         f"CV {metric}: {_number(scores['cv_mean'])} ± {_number(scores['cv_std'])}",
         f"OOF {metric}: {_number(scores['oof_score'])} without TTA, "
-        f"{_number(scores['oof_tta_score'])} with TTA ({scores['tta']}); OOF loss {_number(scores['oof_loss'])}",
+        f"{_number(scores['oof_tta_score'])} with TTA ({tta['policy']}, {tta['chosen_by']}); "
+        f"OOF loss {_number(scores['oof_loss'])}",
+        f"OOF {metric} by TTA policy ({tta['merge']} merge): "
+        + ", ".join(f"{policy} {_number(score)}" for policy, score in tta["oof_scores"].items()),
     ])
 
 

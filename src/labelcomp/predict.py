@@ -1,8 +1,11 @@
-"""Inference from fold checkpoints: TTA views in one forward pass, probabilities per view, fold averaging."""
+"""Inference from fold checkpoints: TTA views stacked into one forward pass, raw outputs per view,
+merging and fold averaging."""
 
 from __future__ import annotations
 
 import logging
+import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import lightning as L
@@ -12,29 +15,43 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from labelcomp.augment import build_transforms, tta_views
+from labelcomp.augment import build_transforms, merge_views, view_transforms
 from labelcomp.data import ImageDataModule
+from labelcomp.errors import LabelcompError
 from labelcomp.model import ClassifierModule
 
 _logger = logging.getLogger(__name__)
 
+# raised inside Lightning against newer torch, once per fit or predict; nothing for a user to act on
+warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+
 
 class ViewPredictor(L.LightningModule):
-    """Wraps a network for `Trainer.predict`: its outputs for every TTA view, (views, batch, ...)."""
+    """Wraps a network for `Trainer.predict`: its outputs for every view, (views, batch, ...).
 
-    def __init__(self, network: nn.Module, views: list, softmax: bool):
+    Each image is decoded and transformed once; the views are tensor operations on that batch. Views
+    of one shape go through the network together (one large batch beats several small ones), in
+    chunks of at most `max_images` images, which bounds memory whatever the number of views."""
+
+    def __init__(self, network: nn.Module, views: list, max_images: int):
         super().__init__()
         self.network = network
         self.views = views
-        self.softmax = softmax
+        self.max_images = max_images
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images = batch[0]
-        # all views stacked into one forward pass: one large batch beats several small ones
-        outputs = self.network(torch.cat([view(images) for view in self.views]))
-        if self.softmax:
-            outputs = outputs.softmax(dim=-1)
-        return outputs.view(len(self.views), len(images), -1)
+        viewed = [view(images) for view in self.views]
+        by_shape: dict[tuple, list[int]] = defaultdict(list)
+        for position, view in enumerate(viewed):
+            by_shape[tuple(view.shape)].append(position)
+        outputs: list[torch.Tensor | None] = [None] * len(viewed)
+        for positions in by_shape.values():
+            stacked = torch.cat([viewed[position] for position in positions])
+            result = torch.cat([self.network(chunk) for chunk in stacked.split(self.max_images)])
+            for position, output in zip(positions, result.split(len(images))):
+                outputs[position] = output
+        return torch.stack(outputs)
 
 
 def load_classifier(checkpoint: Path) -> ClassifierModule:
@@ -42,11 +59,11 @@ def load_classifier(checkpoint: Path) -> ClassifierModule:
 
 
 def predict_views(
-    network: nn.Module, frame: pd.DataFrame, config: DictConfig,
-    cache: dict[str, np.ndarray] | None = None, softmax: bool = True,
+    network: nn.Module, frame: pd.DataFrame, config: DictConfig, views: list[str],
+    cache: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Outputs (probabilities, or raw with softmax=False) of shape (views, images, ...); view 0 is
-    the untransformed image."""
+    """Raw outputs (logits, or features for a feature extractor) of shape (views, images, ...), one
+    row per name in `views`."""
     data = ImageDataModule(
         batch_size=config.data.batch_size, num_workers=config.data.num_workers, predict=frame,
         eval_transform=build_transforms(config.augment, train=False), cache=cache,
@@ -55,16 +72,35 @@ def predict_views(
         accelerator=config.trainer.accelerator, devices=1, precision=config.trainer.precision, logger=False,
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=config.trainer.progress_bar,
     )
-    batches = trainer.predict(ViewPredictor(network, tta_views(config.tta), softmax), datamodule=data)
+    predictor = ViewPredictor(network, view_transforms(views, config.tta), config.tta.max_images)
+    batches = trainer.predict(predictor, datamodule=data)
     return torch.cat(batches, dim=1).float().numpy()
 
 
-def predict_folds(checkpoints: list[Path], frame: pd.DataFrame, config: DictConfig) -> np.ndarray:
-    """Mean over folds of the TTA-merged probabilities, shape (images, classes)."""
+FOLD_WEIGHTS = ("equal", "score")
+
+
+def fold_weights(fold_scores: list[float], how: str, mode: str) -> np.ndarray:
+    """Weights of the fold models in the test average: equal, or proportional to each fold's OOF score
+    (to its inverse where lower is better)."""
+    if how == "equal":
+        weights = np.ones(len(fold_scores))
+    elif how == "score":
+        scores = np.asarray(fold_scores, dtype=float)
+        weights = scores if mode == "max" else 1 / scores
+    else:
+        raise LabelcompError(f"ensemble.fold_weights '{how}' is unknown; use equal or score")
+    return weights / weights.sum()
+
+
+def predict_folds(
+    checkpoints: list[Path], frame: pd.DataFrame, config: DictConfig, views: list[str], weights: np.ndarray
+) -> np.ndarray:
+    """Weighted mean over folds of the TTA-merged probabilities, shape (images, classes)."""
     cache: dict[str, np.ndarray] | None = {} if config.data.cache_images else None
-    total = None
-    for checkpoint in checkpoints:
-        _logger.info("predicting %d images with %s", len(frame), checkpoint)
-        proba = predict_views(load_classifier(checkpoint), frame, config, cache).mean(axis=0)
-        total = proba if total is None else total + proba
-    return total / len(checkpoints)
+    total = 0.0
+    for checkpoint, weight in zip(checkpoints, weights):
+        _logger.info("predicting %d images x %d views with %s", len(frame), len(views), checkpoint)
+        outputs = predict_views(load_classifier(checkpoint), frame, config, views, cache)
+        total = total + weight * merge_views(outputs, config.tta.merge)
+    return total

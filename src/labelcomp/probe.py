@@ -18,8 +18,10 @@ from torch import nn
 
 from labelcomp import history
 from labelcomp.config import save_config
+from labelcomp.augment import merge_views, policy_views, scored_views
+from labelcomp.metrics import METRICS
 from labelcomp.model import build_model
-from labelcomp.predict import predict_views
+from labelcomp.predict import fold_weights, predict_views
 from labelcomp.runs import RunDir, new_run, write_csv_atomic
 from labelcomp.submit import write_submission
 from labelcomp.train import prepare, run_row, write_oof, write_scores
@@ -38,36 +40,42 @@ class PooledFeatures(nn.Module):
         return self.net.forward_head(self.net.forward_features(images), pre_logits=True)
 
 
-def _class_proba(classifier, features: np.ndarray, num_classes: int) -> np.ndarray:
-    """predict_proba spread over every class of the competition (a class absent from a fold's
-    training rows gets probability 0)."""
+def _class_log_proba(classifier, features: np.ndarray, num_classes: int) -> np.ndarray:
+    """Log-probabilities over every class of the competition (a class absent from a fold's training
+    rows gets a vanishing probability), usable wherever logits are: softmax gives the probabilities back."""
     proba = np.zeros((len(features), num_classes))
     proba[:, classifier.classes_] = classifier.predict_proba(features)
-    return proba
+    return np.log(np.maximum(proba, 1e-12))
 
 
 def run_probe(config: DictConfig) -> tuple[RunDir, dict[str, Any]]:
     config.experiment = f"{config.experiment}-probe"
     competition, train, test, folds, cache = prepare(config)
     features = PooledFeatures(build_model(config.model, competition.num_classes)).eval()
-    _logger.info("extracting features of %d training and %d test images", len(train), len(test))
-    train_views = predict_views(features, train, config, cache, softmax=False)
-    test_views = predict_views(features, test, config, softmax=False)
+    views = scored_views(config.tta)
+    _logger.info("extracting features of %d training and %d test images, %d views", len(train), len(test), len(views))
+    train_views = predict_views(features, train, config, views, cache)
+    test_views = predict_views(features, test, config, views)
     run_dir = new_run(config.paths.runs, config.experiment)
     save_config(config, run_dir.config)
     write_csv_atomic(folds, run_dir.folds)
-    test_proba = np.zeros((len(test), competition.num_classes))
+    test_outputs = []
     for fold in range(config.cv.folds):
         held_out = folds["fold"].to_numpy() == fold
         classifier = make_pipeline(
             StandardScaler(), LogisticRegression(C=config.probe.C, max_iter=config.probe.max_iter)
         )
-        classifier.fit(train_views[0][~held_out], train["target"].to_numpy()[~held_out])
-        oof_views = np.stack([_class_proba(classifier, view[held_out], competition.num_classes) for view in train_views])
-        write_oof(run_dir, competition, train[held_out], fold, oof_views)
-        test_proba += np.mean([_class_proba(classifier, view, competition.num_classes) for view in test_views], axis=0)
+        # fitted on the untransformed images; the TTA views are only predicted
+        classifier.fit(train_views[views.index("identity")][~held_out], train["target"].to_numpy()[~held_out])
+        oof = np.stack([_class_log_proba(classifier, view[held_out], competition.num_classes) for view in train_views])
+        write_oof(run_dir, competition, train[held_out], fold, oof, views)
+        test_outputs.append(np.stack([_class_log_proba(classifier, view, competition.num_classes) for view in test_views]))
     scores = write_scores(run_dir, competition, config)
     history.record_run(history.history_path(config.paths.submissions), run_row(run_dir, config, scores))
-    write_submission(competition, run_dir.run_id, test["id"], test_proba / config.cv.folds,
-                     Path(config.paths.submissions))
+    chosen = [views.index(view) for view in policy_views(scores["tta"]["policy"], config.tta)]
+    weights = fold_weights([fold["score"] for fold in scores["folds"]], config.ensemble.fold_weights,
+                           METRICS[scores["metric"]].mode)
+    test_proba = sum(weight * merge_views(outputs[chosen], config.tta.merge)
+                     for weight, outputs in zip(weights, test_outputs))
+    write_submission(competition, run_dir.run_id, test["id"], test_proba, Path(config.paths.submissions))
     return run_dir, scores

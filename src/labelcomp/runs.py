@@ -81,8 +81,9 @@ class RunDir:
     def fold_oof(self, fold: int) -> Path:
         return self.fold_dir(fold) / "oof.csv"
 
-    def fold_oof_tta(self, fold: int) -> Path:
-        return self.fold_dir(fold) / "oof_tta.csv"
+    def fold_oof_views(self, fold: int) -> Path:
+        """Raw outputs of every TTA view for the fold's images, so every policy is scored from them."""
+        return self.fold_dir(fold) / "oof_views.npz"
 
     def checkpoint(self, fold: int) -> Path:
         return self.fold_dir(fold) / "best.ckpt"

@@ -3,6 +3,7 @@ the sample submission's format, with the probabilities beside it and a note in t
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -11,11 +12,13 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from labelcomp import history
+from labelcomp.augment import policy_views
 from labelcomp.competition import Competition
 from labelcomp.config import load_config
 from labelcomp.errors import LabelcompError
-from labelcomp.predict import predict_folds
-from labelcomp.runs import find_run, write_csv_atomic
+from labelcomp.metrics import METRICS
+from labelcomp.predict import fold_weights, predict_folds
+from labelcomp.runs import RunDir, find_run, write_csv_atomic
 from labelcomp.survey import survey
 
 _logger = logging.getLogger(__name__)
@@ -29,13 +32,31 @@ def submit(config: DictConfig, run_id: str | None = None, overrides: list[str] |
     run_config = load_config(run.config, overrides)
     competition = Competition.load(run_config.competition)
     test = competition.read_test()
+    proba = predict_run_test(run, run_config, test)
+    return write_submission(competition, run.run_id, test["id"], proba, Path(run_config.paths.submissions))
+
+
+def run_tta_policy(run: RunDir, run_config: DictConfig) -> str:
+    """The configured TTA policy, or with `auto` the one the run chose on its OOF predictions."""
+    if run_config.tta.policy != "auto":
+        return run_config.tta.policy
+    chosen = json.loads(run.scores.read_text())["tta"]
+    return chosen["policy"] if isinstance(chosen, dict) else chosen  # runs saved before TTA policies
+
+
+def predict_run_test(run: RunDir, run_config: DictConfig, test: pd.DataFrame) -> np.ndarray:
+    """Test probabilities (images, classes): every fold model with the run's TTA policy, averaged with
+    the configured fold weights."""
     survey(test["path"].tolist()).raise_problems("test")
     checkpoints = [run.checkpoint(fold) for fold in range(run_config.cv.folds)]
     missing = [str(path) for path in checkpoints if not path.is_file()]
     if missing:
         raise LabelcompError(f"run {run.run_id}: fold checkpoints missing: {missing}; finish training the run first")
-    proba = predict_folds(checkpoints, test, run_config)
-    return write_submission(competition, run.run_id, test["id"], proba, Path(run_config.paths.submissions))
+    scores = json.loads(run.scores.read_text())
+    weights = fold_weights([fold["score"] for fold in scores["folds"]], run_config.ensemble.fold_weights,
+                           METRICS[scores["metric"]].mode)
+    views = policy_views(run_tta_policy(run, run_config), run_config.tta)
+    return predict_folds(checkpoints, test, run_config, views, weights)
 
 
 def write_submission(
@@ -47,6 +68,10 @@ def write_submission(
     competition.write_submission(ids, proba, path)
     probabilities = pd.concat([pd.DataFrame({"id": ids.to_numpy()}), pd.DataFrame(proba, columns=competition.labels)],
                               axis=1)
-    write_csv_atomic(probabilities, submissions / f"{run_id}.test_proba.csv")
+    write_csv_atomic(probabilities, test_proba_path(submissions, run_id))
     history.record_submission(history.history_path(submissions), run_id, path.name)
     return path
+
+
+def test_proba_path(submissions: Path, run_id: str) -> Path:
+    return Path(submissions) / f"{run_id}.test_proba.csv"

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import platform
@@ -23,7 +24,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from labelcomp import __version__, history
-from labelcomp.augment import build_transforms, tta_views
+from labelcomp.augment import build_transforms, check_tta, merge_views, policy_views, scored_views
 from labelcomp.competition import Competition
 from labelcomp.config import save_config
 from labelcomp.data import ImageDataModule
@@ -32,7 +33,7 @@ from labelcomp.finetune import StagedFinetuning, resolve_stages
 from labelcomp.folds import assign_folds, fold_groups
 from labelcomp.metrics import METRICS, multiclass_log_loss
 from labelcomp.model import ClassifierModule, apply_weights_card, build_model, resolve_normalization
-from labelcomp.predict import load_classifier, predict_views
+from labelcomp.predict import FOLD_WEIGHTS, load_classifier, predict_views
 from labelcomp.runs import RunDir, new_run, write_csv_atomic, write_text_atomic
 from labelcomp.survey import survey
 
@@ -44,8 +45,6 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode at the start of training.*")
 # a fold folder holds its checkpoint beside its logs folder
 warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
-# raised inside Lightning against newer torch, once per fit; nothing for a user to act on
-warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 
 
 class Prepared(NamedTuple):
@@ -72,7 +71,12 @@ def prepare(config: DictConfig) -> Prepared:
     source = str(competition.root / (competition.spec.train.csv or competition.spec.train.images))
     folds = assign_folds(train, config.cv.folds, config.seed, fold_groups(train, duplicates), source)
     resolve_stages(config.finetune)
-    tta_views(config.tta)
+    check_tta(config.tta)
+    if config.ensemble.fold_weights not in FOLD_WEIGHTS:
+        raise LabelcompError(f"ensemble.fold_weights '{config.ensemble.fold_weights}' is unknown; use equal or score")
+    if config.ensemble.blend_objective not in ("logloss", "metric"):
+        raise LabelcompError(f"ensemble.blend_objective '{config.ensemble.blend_objective}' is unknown; "
+                             "use logloss or metric")
     apply_weights_card(config.model)
     build_model(config.model, competition.num_classes)
     _logger.info("backbone %s, pretrained: %s", config.model.name, config.model.pretrained)
@@ -192,16 +196,61 @@ def predict_oof(
     config: DictConfig, competition: Competition, train: pd.DataFrame, folds: pd.DataFrame, fold: int,
     checkpoint: Path, run_dir: RunDir, cache: dict[str, np.ndarray] | None = None,
 ) -> None:
-    """OOF probabilities of `fold` from the model that never saw it, without and with TTA."""
+    """OOF outputs of `fold` from the model that never saw it, for every view the TTA policies need."""
     held_out = train[folds["fold"].to_numpy() == fold]
-    write_oof(run_dir, competition, held_out, fold, predict_views(load_classifier(checkpoint), held_out, config, cache))
+    views = scored_views(config.tta)
+    outputs = predict_views(load_classifier(checkpoint), held_out, config, views, cache)
+    write_oof(run_dir, competition, held_out, fold, outputs, views)
 
 
-def write_oof(run_dir: RunDir, competition: Competition, held_out: pd.DataFrame, fold: int, views: np.ndarray) -> None:
-    """The fold's OOF files from per-view probabilities (views, images, classes); `oof.csv` is
-    written last: its presence marks the fold as done."""
-    for path, proba in ((run_dir.fold_oof_tta(fold), views.mean(axis=0)), (run_dir.fold_oof(fold), views[0])):
-        write_csv_atomic(_probability_frame(held_out["id"], fold, held_out["label"], proba, competition.labels), path)
+def write_oof(
+    run_dir: RunDir, competition: Competition, held_out: pd.DataFrame, fold: int, outputs: np.ndarray,
+    views: list[str],
+) -> None:
+    """The fold's raw outputs per view (views, images, classes), from which every TTA policy is scored,
+    and its probabilities without TTA; `oof.csv` is written last: its presence marks the fold as done."""
+    archive = io.BytesIO()
+    np.savez(archive, outputs=outputs.astype(np.float32), views=np.array(views),
+             ids=held_out["id"].to_numpy().astype(str))
+    write_text_atomic(run_dir.fold_oof_views(fold), archive.getvalue())
+    proba = merge_views(outputs[[views.index("identity")]], "mean")
+    write_csv_atomic(_probability_frame(held_out["id"], fold, held_out["label"], proba, competition.labels),
+                     run_dir.fold_oof(fold))
+
+
+def _oof_views(run_dir: RunDir, folds: int, order: pd.Series) -> tuple[list[str], np.ndarray]:
+    """Every fold's per-view outputs joined into (views, images, classes) in `order` of ids."""
+    parts, ids, views = [], [], None
+    for fold in range(folds):
+        with np.load(run_dir.fold_oof_views(fold)) as archive:
+            fold_views = archive["views"].tolist()
+            if views is not None and fold_views != views:
+                raise LabelcompError(f"{run_dir.fold_oof_views(fold)}: views {fold_views} differ from the other "
+                                     f"folds' {views}; predict the folds with the same tta config")
+            views = fold_views
+            parts.append(archive["outputs"])
+            ids.extend(archive["ids"].tolist())
+    position = pd.Series(np.arange(len(ids)), index=ids)
+    return views, np.concatenate(parts, axis=1)[:, position.loc[order.to_numpy()].to_numpy()]
+
+
+def choose_tta(config: DictConfig, metric, target: np.ndarray, views: list[str], outputs: np.ndarray,
+               ) -> tuple[str, dict[str, float], dict[str, np.ndarray]]:
+    """Each listed policy (and the configured one) merged and scored on OOF; the chosen policy is the
+    configured one, or with `auto` the best on OOF (the first listed among equals: the cheaper)."""
+    tta = config.tta
+    policies = list(dict.fromkeys([*tta.policies, *([] if tta.policy == "auto" else [tta.policy])]))
+    missing = sorted({view for policy in policies for view in policy_views(policy, tta)} - set(views))
+    if missing:
+        raise LabelcompError(f"OOF predictions lack the TTA views {missing}; list their policies in tta.policies "
+                             "before training, or choose a policy whose views were predicted")
+    proba = {policy: merge_views(outputs[[views.index(view) for view in policy_views(policy, tta)]], tta.merge)
+             for policy in policies}
+    scores = {policy: metric.score(target, proba[policy]) for policy in policies}
+    if tta.policy != "auto":
+        return tta.policy, scores, proba
+    best = max if metric.mode == "max" else min
+    return best(policies, key=lambda policy: scores[policy]), scores, proba
 
 
 def _git_commit() -> str | None:
@@ -222,21 +271,23 @@ def _versions() -> dict[str, str]:
 
 
 def write_scores(run_dir: RunDir, competition: Competition, config: DictConfig) -> dict[str, Any]:
-    """Per-fold and CV scores from the folds' OOF files; also the run's merged oof.csv / oof_tta.csv."""
+    """Per-fold and CV scores from the folds' OOF files, every TTA policy's OOF score, and the run's
+    merged oof.csv / oof_tta.csv (the latter with the chosen policy)."""
     metric = METRICS[competition.spec.metric]
     index = {label: position for position, label in enumerate(competition.labels)}
     order = pd.read_csv(run_dir.folds, dtype={"id": str})["id"]
-
-    def merge(fold_path, run_path: Path) -> pd.DataFrame:
-        frame = pd.concat([pd.read_csv(fold_path(fold), dtype={"id": str}) for fold in range(config.cv.folds)])
-        frame = frame.set_index("id").loc[order].reset_index()
-        write_csv_atomic(frame, run_path)
-        return frame
+    plain = pd.concat([pd.read_csv(run_dir.fold_oof(fold), dtype={"id": str}) for fold in range(config.cv.folds)])
+    plain = plain.set_index("id").loc[order].reset_index()
+    target = plain["label"].map(index).to_numpy()
+    policy, policy_scores, policy_proba = choose_tta(config, metric, target, *_oof_views(run_dir, config.cv.folds, order))
+    tta = plain.copy()
+    tta[competition.labels] = policy_proba[policy]
+    write_csv_atomic(plain, run_dir.oof)
+    write_csv_atomic(tta, run_dir.oof_tta)
 
     def evaluate(frame: pd.DataFrame, score) -> float:
         return score(frame["label"].map(index).to_numpy(), frame[competition.labels].to_numpy())
 
-    plain, tta = merge(run_dir.fold_oof, run_dir.oof), merge(run_dir.fold_oof_tta, run_dir.oof_tta)
     fold_rows = [
         {"fold": fold, "n": int((plain["fold"] == fold).sum()),
          "score": evaluate(plain[plain["fold"] == fold], metric.score),
@@ -248,7 +299,9 @@ def write_scores(run_dir: RunDir, competition: Competition, config: DictConfig) 
     scores = {
         "run_id": run_dir.run_id, "metric": metric.name, "folds": fold_rows,
         "cv_mean": float(fold_scores.mean()), "cv_std": float(fold_scores.std(ddof=1)),
-        "oof_score": evaluate(plain, metric.score), "oof_tta_score": evaluate(tta, metric.score), "tta": config.tta,
+        "oof_score": evaluate(plain, metric.score), "oof_tta_score": evaluate(tta, metric.score),
+        "tta": {"policy": policy, "chosen_by": "oof" if config.tta.policy == "auto" else "config",
+                "merge": config.tta.merge, "oof_scores": policy_scores},
         "oof_loss": evaluate(plain, multiclass_log_loss),
         "finished_at": datetime.now().isoformat(timespec="seconds"),
         "versions": _versions(), "git_commit": _git_commit(),
