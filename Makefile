@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/default.yaml
 ARGS ?=
 RUN ?=
+RUNS ?=
 
-.PHONY: train submit compare test finetune-study clean
+.PHONY: train submit compare test bench finetune-study scaling-study clean
 
 # reinstalls whenever pyproject.toml (the dependencies) changes
 $(VENV)/.installed: pyproject.toml
@@ -27,9 +28,17 @@ compare: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
+# benchmark, not a test: model-only vs pipeline vs loading vs inference speed, side by side
+bench: $(VENV)/.installed
+	$(BIN)/labelcomp bench --config $(CONFIG) $(ARGS)
+
 # benchmark, not a test: needs ../shared (skips without it); STUDY="--per-class 500 --folds 5" for all images
 finetune-study: $(VENV)/.installed
 	$(BIN)/python tools/finetune_study.py $(STUDY)
+
+# benchmark, not a test: seconds per epoch at 1k/5k/10k images and 32/64/128 px (needs ../shared)
+scaling-study: $(VENV)/.installed
+	$(BIN)/python tools/scaling_study.py
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

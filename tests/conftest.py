@@ -55,6 +55,9 @@ def tiny_overrides(tmp_path: Path, competition: Path) -> list[str]:
         "augment.image_size=32",
         "data.batch_size=8",
         "trainer.progress_bar=false",
+        # fixed rather than measured (speed.py has its own tests): each test run would measure anew
+        "trainer.precision=32-true",
+        "trainer.channels_last=false",
     ]
 
 

@@ -51,7 +51,7 @@ def test_run_folder_follows_the_contract(trained):
     for name in ("config.yaml", "folds.csv", "oof.csv", "oof_tta.csv", "scores.json"):
         assert (run / name).is_file(), name
     for fold in (0, 1):
-        for name in ("best.ckpt", "oof.csv", "oof_views.npz", "logs/metrics.csv"):
+        for name in ("best.ckpt", "oof.csv", "oof_views.npz", "usage.json", "logs/metrics.csv"):
             assert (run / f"fold_{fold}" / name).is_file(), (fold, name)
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     # normalisation and timm arguments from the weights card are resolved into the run's config
@@ -87,6 +87,9 @@ def test_scores_are_computed_from_the_oof_files(trained):
     assert scores["cv_mean"] == pytest.approx(np.mean(fold_scores))
     assert scores["cv_std"] == pytest.approx(np.std(fold_scores, ddof=1))
     assert {"torch", "timm", "lightning", "albumentations"} <= set(scores["versions"])
+    # each fold's time and peak memory (this process's resident memory: a model's worth, not zero)
+    for fold in scores["folds"]:
+        assert fold["seconds"] > 0 and 0.1 < fold["peak_memory_gb"] < 16
 
 
 def test_submit_writes_the_sample_format_and_records_it(trained, capsys):

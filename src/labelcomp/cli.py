@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
         ("probe", "the frozen-feature baseline: LogisticRegression on pretrained features, per fold"),
         ("lr-find", "suggest a learning rate for a fine-tuning stage (Lightning's lr range test)"),
         ("report", "write report.md with plots into a finished run's folder"),
+        ("bench", "measure model-only, pipeline, loading and inference speed side by side"),
     ):
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument("--config", help="experiment YAML file (e.g. configs/default.yaml)")
@@ -41,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--resume", metavar="RUN", help="continue an interrupted run with its saved config")
             command.add_argument("--run", help="run id to create or join: fold jobs in parallel share it")
             command.add_argument("--folds", help="only these folds, e.g. 0,1 (the rest by other jobs)")
+        if name == "bench":
+            command.add_argument("--seconds", type=float, default=4.0, help="length of each timed measurement")
         if name == "lr-find":
             command.add_argument("--stage", type=int, default=0, help="index of the finetune stage (default 0)")
     init = commands.add_parser("init", help="guess a competition.yaml for a downloaded competition folder")
@@ -104,6 +107,13 @@ def _report(args: argparse.Namespace) -> None:
     from labelcomp.report import write_report
 
     print(f"report written: {write_report(load_config(args.config, args.overrides), args.run)}")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from labelcomp.bench import run_bench
+    from labelcomp.config import load_config
+
+    print(run_bench(load_config(args.config, args.overrides), args.seconds))
 
 
 def _submit(args: argparse.Namespace) -> None:
@@ -172,7 +182,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _train, "submit": _submit, "compare": _compare, "probe": _probe, "lr-find": _lr_find,
-            "init": _init, "check": _check, "lb": _record, "note": _record, "report": _report}
+            "init": _init, "check": _check, "lb": _record, "note": _record, "report": _report,
+            "bench": _bench}
 
 
 def main(argv: list[str] | None = None) -> int:

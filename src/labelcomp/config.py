@@ -40,8 +40,8 @@ class CVConfig:
 @dataclass
 class DataConfig:
     batch_size: int = 64
-    # workers compete with the model for the cores of a small machine: 0 was fastest on 2 cores
-    num_workers: int = 0
+    # auto: chosen for the cores (see speed.py); workers compete with the model on a small machine
+    num_workers: Any = "auto"
     cache_images: bool = False  # keep decoded images in memory (small datasets)
 
 
@@ -127,7 +127,9 @@ class TrainerConfig:
     devices: Any = "auto"
     num_nodes: int = 1
     strategy: str = "auto"
-    precision: str = "32-true"
+    # auto: the fastest of fp32 and bf16/fp16 autocast, measured for the model on this hardware
+    precision: str = "auto"
+    channels_last: Any = "auto"  # true | false | auto (measured together with the precision)
     # Lightning's deterministic mode; "warn" only warns about ops without a deterministic kernel (GPU)
     deterministic: Any = "warn"
     early_stopping_patience: int = 3

@@ -82,8 +82,10 @@ class ImageDataModule(L.LightningDataModule):
         train_transform: Optional[Callable] = None,
         eval_transform: Optional[Callable] = None,
         cache: Optional[dict[str, np.ndarray]] = None,
+        pin_memory: bool = False,
     ):
         super().__init__()
+        self.pin_memory = pin_memory
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.frames = {"train": train, "val": val, "predict": predict}
@@ -101,6 +103,7 @@ class ImageDataModule(L.LightningDataModule):
             drop_last=shuffle and len(dataset) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
             worker_init_fn=_seed_worker_augmentations if self.num_workers > 0 else None,
         )
 

@@ -20,14 +20,11 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 from lightning.pytorch.tuner import Tuner
 from omegaconf import DictConfig, OmegaConf
 
-from labelcomp.augment import build_transforms
 from labelcomp.config import save_config
-from labelcomp.data import ImageDataModule
 from labelcomp.errors import LabelcompError
 from labelcomp.finetune import StagedFinetuning
-from labelcomp.model import ClassifierModule
 from labelcomp.runs import new_run, write_figure_atomic, write_text_atomic
-from labelcomp.train import prepare
+from labelcomp.train import classifier_module, fold_data, prepare
 
 _logger = logging.getLogger(__name__)
 
@@ -40,17 +37,8 @@ def find_lr(config: DictConfig, stage_index: int = 0, num_training: int = 100) -
         raise LabelcompError(f"--stage {stage_index}: the config has stages 0 to {len(finetune['stages']) - 1}")
     stage = finetune["stages"][stage_index]
     held_out = folds["fold"].to_numpy() == 0
-    data = ImageDataModule(
-        batch_size=config.data.batch_size, num_workers=config.data.num_workers, train=train[~held_out],
-        val=train[held_out], train_transform=build_transforms(config.augment, train=True, seed=config.seed),
-        eval_transform=build_transforms(config.augment, train=False), cache=cache,
-    )
-    module = ClassifierModule(
-        model=OmegaConf.to_container(config.model, resolve=True),
-        optim=OmegaConf.to_container(config.optim, resolve=True),
-        finetune={**finetune, "stages": [stage]}, num_classes=competition.num_classes,
-        metric=competition.spec.metric,
-    )
+    data = fold_data(config, train[~held_out], train[held_out], cache)
+    module = classifier_module(config, competition, stages=[stage])
     run_dir = new_run(config.paths.runs, f"{config.experiment}-lr-find")
     save_config(config, run_dir.config)
     trainer = L.Trainer(

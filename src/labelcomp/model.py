@@ -144,11 +144,14 @@ class ClassifierModule(L.LightningModule):
         metric: str,
         mixup: dict[str, Any] | None = None,
         ema: dict[str, Any] | None = None,
+        channels_last: bool = False,
         load_weights: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["load_weights"])
         self.net = build_model(OmegaConf.create(model), num_classes, load_weights)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net.to(memory_format=self.memory_format)
         self.metric = METRICS[metric]
         self.mixup = None
         if mixup and (mixup["mixup_alpha"] > 0 or mixup["cutmix_alpha"] > 0):
@@ -169,7 +172,7 @@ class ClassifierModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # outside training (validation, checkpoint selection, OOF and test) the averaged weights predict
         net = self.ema.module if self.ema is not None and not self.training else self.net
-        return net(images)
+        return net(images.contiguous(memory_format=self.memory_format))
 
     def _mixes(self) -> bool:
         off_epoch = self.hparams.mixup["off_epoch"] if self.mixup is not None else None

@@ -19,6 +19,7 @@ from labelcomp.augment import build_transforms, merge_views, view_transforms
 from labelcomp.data import ImageDataModule
 from labelcomp.errors import LabelcompError
 from labelcomp.model import ClassifierModule
+from labelcomp.speed import device_of, loader_workers
 
 _logger = logging.getLogger(__name__)
 
@@ -65,8 +66,9 @@ def predict_views(
     """Raw outputs (logits, or features for a feature extractor) of shape (views, images, ...), one
     row per name in `views`."""
     data = ImageDataModule(
-        batch_size=config.data.batch_size, num_workers=config.data.num_workers, predict=frame,
+        batch_size=config.data.batch_size, num_workers=loader_workers(config), predict=frame,
         eval_transform=build_transforms(config.augment, train=False), cache=cache,
+        pin_memory=device_of(config.trainer.accelerator).type == "cuda",
     )
     trainer = L.Trainer(
         accelerator=config.trainer.accelerator, devices=1, precision=config.trainer.precision, logger=False,

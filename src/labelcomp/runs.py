@@ -85,6 +85,10 @@ class RunDir:
         """Raw outputs of every TTA view for the fold's images, so every policy is scored from them."""
         return self.fold_dir(fold) / "oof_views.npz"
 
+    def fold_usage(self, fold: int) -> Path:
+        """Seconds and peak memory of the fold."""
+        return self.fold_dir(fold) / "usage.json"
+
     def checkpoint(self, fold: int) -> Path:
         return self.fold_dir(fold) / "best.ckpt"
 

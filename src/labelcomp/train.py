@@ -10,6 +10,7 @@ import json
 import logging
 import platform
 import subprocess
+import time
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -35,11 +36,12 @@ from labelcomp.metrics import METRICS, multiclass_log_loss
 from labelcomp.model import ClassifierModule, apply_weights_card, build_model, resolve_normalization
 from labelcomp.predict import FOLD_WEIGHTS, load_classifier, predict_views
 from labelcomp.runs import RunDir, new_run, write_csv_atomic, write_text_atomic
+from labelcomp.speed import device_of, loader_workers, peak_memory_gb, reset_peak_memory, resolve_speed, resolve_workers
 from labelcomp.survey import survey
 
 _logger = logging.getLogger(__name__)
 
-# num_workers=0 is a measured choice on small machines, not an oversight
+# few or no workers is a measured choice on small machines (speed.resolve_workers), not an oversight
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # frozen BatchNorm layers are put in eval mode on purpose (see finetune.py)
 warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode at the start of training.*")
@@ -80,6 +82,8 @@ def prepare(config: DictConfig) -> Prepared:
     apply_weights_card(config.model)
     build_model(config.model, competition.num_classes)
     _logger.info("backbone %s, pretrained: %s", config.model.name, config.model.pretrained)
+    resolve_speed(config, competition.num_classes)
+    resolve_workers(config)
     if config.augment.mean is None or config.augment.std is None:
         mean, std = resolve_normalization(config.model)
         config.augment.mean = config.augment.mean or mean
@@ -105,8 +109,14 @@ def run(
         if run_dir.fold_oof(fold).exists():
             _logger.info("fold %d/%d: done before, skipped", fold + 1, config.cv.folds)
             continue
+        started = time.perf_counter()
+        reset_peak_memory()
         checkpoint = fit_fold(config, competition, train, folds, fold, run_dir, cache)
         predict_oof(config, competition, train, folds, fold, checkpoint, run_dir, cache)
+        usage = {"seconds": round(time.perf_counter() - started, 1), "peak_memory_gb": peak_memory_gb()}
+        write_text_atomic(run_dir.fold_usage(fold), json.dumps(usage) + "\n")
+        _logger.info("fold %d/%d: %.0f s, peak memory %s GB", fold + 1, config.cv.folds, usage["seconds"],
+                     usage["peak_memory_gb"])
         run_dir.last_checkpoint(fold).unlink(missing_ok=True)  # only needed to resume the fold
     if not all(run_dir.fold_oof(fold).exists() for fold in range(config.cv.folds)):
         return run_dir, None
@@ -137,6 +147,28 @@ def open_run(config: DictConfig, folds: pd.DataFrame, run_id: str | None) -> tup
     return run_dir, folds
 
 
+def fold_data(config: DictConfig, train: pd.DataFrame, val: pd.DataFrame,
+              cache: dict[str, np.ndarray] | None) -> ImageDataModule:
+    return ImageDataModule(
+        batch_size=config.data.batch_size, num_workers=loader_workers(config), train=train, val=val,
+        train_transform=build_transforms(config.augment, train=True, seed=config.seed),
+        eval_transform=build_transforms(config.augment, train=False), cache=cache,
+        pin_memory=device_of(config.trainer.accelerator).type == "cuda",
+    )
+
+
+def classifier_module(config: DictConfig, competition: Competition, stages: list | None = None) -> ClassifierModule:
+    """The LightningModule of the config; `stages` replaces the config's fine-tuning stages."""
+    finetune = OmegaConf.to_container(config.finetune, resolve=True)
+    return ClassifierModule(
+        model=OmegaConf.to_container(config.model, resolve=True),
+        optim=OmegaConf.to_container(config.optim, resolve=True),
+        finetune={**finetune, "stages": stages or finetune["stages"]}, num_classes=competition.num_classes,
+        metric=competition.spec.metric, mixup=OmegaConf.to_container(config.mixup),
+        ema=OmegaConf.to_container(config.ema), channels_last=bool(config.trainer.channels_last),
+    )
+
+
 def fit_fold(
     config: DictConfig, competition: Competition, train: pd.DataFrame, folds: pd.DataFrame, fold: int,
     run_dir: RunDir, cache: dict[str, np.ndarray] | None = None,
@@ -146,19 +178,9 @@ def fit_fold(
     held_out = folds["fold"].to_numpy() == fold
     _logger.info("fold %d/%d: %d train / %d validation images", fold + 1, config.cv.folds,
                  (~held_out).sum(), held_out.sum())
-    data = ImageDataModule(
-        batch_size=config.data.batch_size, num_workers=config.data.num_workers,
-        train=train[~held_out], val=train[held_out],
-        train_transform=build_transforms(config.augment, train=True, seed=config.seed),
-        eval_transform=build_transforms(config.augment, train=False), cache=cache,
-    )
-    finetune = OmegaConf.to_container(config.finetune, resolve=True)
-    module = ClassifierModule(
-        model=OmegaConf.to_container(config.model, resolve=True),
-        optim=OmegaConf.to_container(config.optim, resolve=True),
-        finetune=finetune, num_classes=competition.num_classes, metric=competition.spec.metric,
-        mixup=OmegaConf.to_container(config.mixup), ema=OmegaConf.to_container(config.ema),
-    )
+    data = fold_data(config, train[~held_out], train[held_out], cache)
+    module = classifier_module(config, competition)
+    finetune = module.hparams.finetune
     metric = METRICS[competition.spec.metric]
     fold_dir = run_dir.fold_dir(fold)
     best = ModelCheckpoint(
@@ -270,6 +292,12 @@ def _versions() -> dict[str, str]:
             "timm": timm.__version__, "lightning": L.__version__, "albumentations": albumentations.__version__}
 
 
+def _fold_usage(run_dir: RunDir, fold: int) -> dict[str, Any]:
+    """Seconds and peak memory of the fold's training and OOF prediction, where recorded."""
+    path = run_dir.fold_usage(fold)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def write_scores(run_dir: RunDir, competition: Competition, config: DictConfig) -> dict[str, Any]:
     """Per-fold and CV scores from the folds' OOF files, every TTA policy's OOF score, and the run's
     merged oof.csv / oof_tta.csv (the latter with the chosen policy)."""
@@ -289,7 +317,7 @@ def write_scores(run_dir: RunDir, competition: Competition, config: DictConfig) 
         return score(frame["label"].map(index).to_numpy(), frame[competition.labels].to_numpy())
 
     fold_rows = [
-        {"fold": fold, "n": int((plain["fold"] == fold).sum()),
+        {"fold": fold, "n": int((plain["fold"] == fold).sum()), **_fold_usage(run_dir, fold),
          "score": evaluate(plain[plain["fold"] == fold], metric.score),
          "score_tta": evaluate(tta[tta["fold"] == fold], metric.score),
          "loss": evaluate(plain[plain["fold"] == fold], multiclass_log_loss)}

@@ -1,0 +1,136 @@
+"""`make bench`: where training time goes, measured side by side in one process.
+
+(a) the model alone on synthetic tensors, every precision and memory format (the hardware's limit);
+(b) the real pipeline: DataModule, Albumentations and the Lightning Trainer with the fine-tuning
+callback, steady state, validation excluded; (c) the training loader alone; (d) inference with and
+without TTA. (b)/(a) near 1 means the model is what limits training. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from labelcomp.augment import policy_views
+from labelcomp.finetune import StagedFinetuning
+from labelcomp.model import build_model
+from labelcomp.predict import predict_views
+from labelcomp.speed import cores, device_name, device_of, measure_variants, training_rate
+from labelcomp.train import classifier_module, fold_data, prepare
+
+WARMUP_STEPS = 5
+ROUNDS = 3
+
+
+def _rates(values: list[float]) -> str:
+    return " / ".join(f"{value:.0f}" for value in values)
+
+
+class StepClock(Callback):
+    """The time at the end of every training step."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.ends.append(time.perf_counter())
+
+
+def fit_one_epoch(config: DictConfig, competition, images: pd.DataFrame, cache) -> tuple[StepClock, Any, Any]:
+    """One epoch of the real pipeline over `images` in which every layer trains (as in (a)), without
+    validation; returns the step clock, the data module and the trained module."""
+    data = fold_data(config, images, images.head(config.data.batch_size), cache)
+    last = OmegaConf.to_container(config.finetune, resolve=True)["stages"][-1]
+    stage = {**last, "train": "all", "epochs": 1}
+    module = classifier_module(config, competition, stages=[stage])
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as logs:
+        trainer = L.Trainer(
+            max_epochs=1, limit_val_batches=0, accelerator=config.trainer.accelerator, devices=1,
+            precision=config.trainer.precision, deterministic=config.trainer.deterministic,
+            callbacks=[StagedFinetuning([stage], config.finetune.min_lr_ratio), LearningRateMonitor("step"), clock],
+            logger=CSVLogger(logs, name="bench", version=""), log_every_n_steps=10, enable_checkpointing=False,
+            enable_model_summary=False, num_sanity_val_steps=0, enable_progress_bar=False,
+        )
+        trainer.fit(module, datamodule=data)
+    # Lightning's deterministic mode is process-wide; (a) measures the hardware without it
+    torch.use_deterministic_algorithms(False)
+    return clock, data, module
+
+
+def _pipeline_rate(config: DictConfig, competition, train: pd.DataFrame, cache, steps: int) -> tuple[float, Any, Any]:
+    """Training images/s of the real pipeline over `steps` steady-state steps."""
+    batch = config.data.batch_size
+    repeats = math.ceil((steps + WARMUP_STEPS + 1) * batch / len(train))
+    clock, data, module = fit_one_epoch(config, competition, pd.concat([train] * repeats, ignore_index=True), cache)
+    ends = clock.ends[WARMUP_STEPS:]
+    return (len(ends) - 1) * batch / (ends[-1] - ends[0]), data, module
+
+
+def _loading_rate(data, steps: int) -> float:
+    """Images/s of the training loader alone (decode or cache, augmentation, collation)."""
+    loader = iter(data.train_dataloader())
+    for _ in range(WARMUP_STEPS):
+        next(loader)
+    start, images = time.perf_counter(), 0
+    for _ in range(steps):
+        images += len(next(loader)[0])
+    return images / (time.perf_counter() - start)
+
+
+def _inference_rate(module, frame: pd.DataFrame, config: DictConfig, views: list[str]) -> float:
+    start = time.perf_counter()
+    predict_views(module.eval(), frame, config, views)
+    return len(frame) / (time.perf_counter() - start)
+
+
+def run_bench(config: DictConfig, seconds: float = 4.0) -> str:
+    config.trainer.progress_bar = False
+    competition, train, _, _, cache = prepare(config)
+    device = device_of(config.trainer.accelerator)
+    classes, size, batch = competition.num_classes, config.augment.image_size, config.data.batch_size
+    lines = [f"{config.model.name} @ {size} px, batch {batch}, {len(train)} images, on {device_name(device)} "
+             f"({cores()} cores); pipeline: precision {config.trainer.precision}, channels_last "
+             f"{config.trainer.channels_last}, num_workers {config.data.num_workers}"]
+
+    variants = measure_variants(config, classes, seconds)
+    fastest = max(variants, key=variants.get)
+    lines.append("(a) model-only training, synthetic tensors, images/s:")
+    lines += [f"      {variant.precision:<11} {'channels_last' if variant.channels_last else 'contiguous':<14}"
+              f"{rate:8.0f}" + ("  <- fastest" if variant == fastest else "") for variant, rate in variants.items()]
+
+    # this machine's speed drifts by 10% and more from one measurement to the next: (a) and (b) are
+    # measured in alternation and each taken as the median, so drift does not land in one of them
+    steps = max(20, round(seconds * variants[fastest] / batch))
+    limits, pipelines = [], []
+    for _ in range(ROUNDS):
+        network = build_model(config.model, classes, load_weights=False)
+        limits.append(training_rate(network, fastest, size, batch, classes, device, seconds))
+        rate, data, module = _pipeline_rate(config, competition, train, cache, steps)
+        pipelines.append(rate)
+    limit, pipeline = float(np.median(limits)), float(np.median(pipelines))
+    loading = _loading_rate(data, steps)
+    lines += [f"    fastest variant in alternation with (b): {_rates(limits)}; (a) = {limit:.0f} images/s (median)",
+              f"(b) pipeline training (all layers, steady state, no validation): {_rates(pipelines)}; "
+              f"median {pipeline:.0f} images/s",
+              f"(c) training loader alone: {loading:.0f} images/s"]
+
+    sample = train.head(min(len(train), 512))
+    for policy in ("none", "hflip", "d4"):
+        views = policy_views(policy, config.tta)
+        rate = _inference_rate(module, sample, config, views)
+        lines.append(f"(d) inference, TTA {policy} ({len(views)} view{'s' if len(views) > 1 else ''}): "
+                     f"{rate:.0f} images/s ({rate * len(views):.0f} views/s)")
+    lines.append(f"pipeline/model-only = {pipeline / limit:.2f}  loading/model-only = {loading / limit:.2f}")
+    return "\n".join(lines)
+

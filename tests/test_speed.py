@@ -1,0 +1,101 @@
+"""Speed choices: precision and memory format measured and cached, workers for the cores, the bench's output."""
+
+import json
+import re
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from labelcomp import speed
+from labelcomp.bench import run_bench
+from labelcomp.config import load_config
+from labelcomp.model import ClassifierModule
+from labelcomp.speed import Variant, resolve_speed, resolve_workers, training_rate
+from conftest import REPO, tiny_config
+
+RATES = {Variant("32-true", False): 100.0, Variant("32-true", True): 180.0,
+         Variant("bf16-mixed", False): 150.0, Variant("bf16-mixed", True): 120.0}
+
+
+def _config(tmp_path, *overrides):
+    return load_config(REPO / "configs" / "smoke.yaml", [f"paths.runs={tmp_path / 'runs'}", *overrides])
+
+
+def test_auto_picks_the_fastest_measured_variant_once_per_machine_and_config(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(speed, "measure_variants", lambda config, classes, seconds: calls.append(1) or RATES)
+    config = _config(tmp_path)
+    resolve_speed(config, 20)
+    assert (config.trainer.precision, config.trainer.channels_last) == ("32-true", True)
+    again = _config(tmp_path)
+    resolve_speed(again, 20)
+    assert (again.trainer.precision, again.trainer.channels_last) == ("32-true", True) and len(calls) == 1
+    cached = json.loads((tmp_path / "runs" / ".speed.json").read_text())
+    assert len(cached) == 1 and len(next(iter(cached.values()))) == 4
+    # another image size is another measurement
+    resolve_speed(_config(tmp_path, "augment.image_size=48"), 20)
+    assert len(calls) == 2
+
+
+def test_a_fixed_half_of_the_choice_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "measure_variants", lambda config, classes, seconds: RATES)
+    config = _config(tmp_path, "trainer.precision=bf16-mixed")
+    resolve_speed(config, 20)
+    assert (config.trainer.precision, config.trainer.channels_last) == ("bf16-mixed", False)
+    config = _config(tmp_path, "trainer.channels_last=false")
+    resolve_speed(config, 20)
+    assert (config.trainer.precision, config.trainer.channels_last) == ("bf16-mixed", False)
+    fixed = _config(tmp_path, "trainer.precision=32-true", "trainer.channels_last=false")
+    monkeypatch.setattr(speed, "measure_variants", lambda *args: pytest.fail("nothing to measure"))
+    resolve_speed(fixed, 20)
+
+
+def test_training_rate_measures_real_steps():
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                  torch.nn.Linear(4, 5))
+    before = [parameter.clone() for parameter in network.parameters()]
+    rate = training_rate(network, Variant("32-true", True), 16, 4, 5, torch.device("cpu"), seconds=0.05)
+    assert rate > 0
+    assert any(not torch.equal(old, new) for old, new in zip(before, network.parameters()))
+
+
+def test_channels_last_module_predicts_what_the_contiguous_one_does():
+    config = load_config(REPO / "configs" / "smoke.yaml", ["model.pretrained=false"])
+    arguments = dict(model=OmegaConf.to_container(config.model), optim=OmegaConf.to_container(config.optim),
+                     finetune={"stages": []}, num_classes=4, metric="accuracy")
+    torch.manual_seed(0)
+    contiguous = ClassifierModule(**arguments).eval()
+    torch.manual_seed(0)
+    channels_last = ClassifierModule(**arguments, channels_last=True).eval()
+    convolution = next(module for module in channels_last.net.modules() if isinstance(module, torch.nn.Conv2d))
+    assert convolution.weight.is_contiguous(memory_format=torch.channels_last)
+    assert channels_last.hparams.channels_last
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(channels_last(images), contiguous(images), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cores, accelerator, expected", [(2, "cpu", 0), (4, "cpu", 0), (16, "cpu", 4),
+                                                          (16, "gpu", 8), (4, "gpu", 3)])
+def test_workers_follow_the_cores(monkeypatch, cores, accelerator, expected):
+    monkeypatch.setattr(speed, "cores", lambda: cores)
+    monkeypatch.setattr(speed, "device_of", lambda name: torch.device("cuda" if name == "gpu" else "cpu"))
+    config = load_config(None, [f"trainer.accelerator={accelerator}"])
+    resolve_workers(config)
+    assert config.data.num_workers == expected
+    config = load_config(None, ["data.num_workers=1"])
+    resolve_workers(config)
+    assert config.data.num_workers == 1
+
+
+def test_bench_prints_every_measurement_and_the_ratio_line(tmp_path, tiny_competition):
+    config = tiny_config(tmp_path, tiny_competition)
+    config.trainer.precision = config.trainer.channels_last = "auto"
+    report = run_bench(config, seconds=0.05)
+    lines = report.splitlines()
+    assert sum("channels_last" in line or "contiguous" in line for line in lines[2:6]) == 4
+    assert any(line.startswith("(b) pipeline training") for line in lines)
+    assert any(line.startswith("(c) training loader alone") for line in lines)
+    assert sum(line.startswith("(d) inference") for line in lines) == 3
+    assert re.fullmatch(r"pipeline/model-only = \d+\.\d\d  loading/model-only = \d+\.\d\d", lines[-1])
