@@ -7,7 +7,7 @@ ARGS ?=
 RUN ?=
 RUNS ?=
 
-.PHONY: train submit compare test bench finetune-study scaling-study clean
+.PHONY: train submit compare test bench finetune-study scaling-study quality-study clean
 
 # reinstalls whenever pyproject.toml (the dependencies) changes
 $(VENV)/.installed: pyproject.toml
@@ -39,6 +39,10 @@ finetune-study: $(VENV)/.installed
 # benchmark, not a test: seconds per epoch at 1k/5k/10k images and 32/64/128 px (needs ../shared)
 scaling-study: $(VENV)/.installed
 	$(BIN)/python tools/scaling_study.py
+
+# benchmark, not a test: configs/quick.yaml and quality.yaml on 10,000 real images (needs ../shared; ~75 min)
+quality-study: $(VENV)/.installed
+	$(BIN)/python tools/quality_study.py $(STUDY)
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

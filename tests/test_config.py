@@ -38,3 +38,14 @@ def test_bad_overrides_name_the_key(overrides, expected):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(LabelcompError, match="nope.yaml: config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", ["default", "smoke", "quick", "quality"])
+def test_shipped_configs_load_and_their_stages_resolve(name):
+    from labelcomp.augment import check_tta
+    from labelcomp.finetune import resolve_stages
+
+    config = load_config(REPO / "configs" / f"{name}.yaml")
+    resolve_stages(config.finetune)
+    check_tta(config.tta)
+    assert config.experiment == {"default": "demo_mnv2"}.get(name, name)

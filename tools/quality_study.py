@@ -1,0 +1,100 @@
+"""Benchmark (not a test): labelcomp's recipes on the 10,000 shared CIFAR-100 coarse images.
+
+The images become a competition: a held-out part (100 per class by default) is its test split, with
+labels only this script knows; the rest is the training split. For each recipe (a config in
+configs/) it trains every fold, predicts the held-out images with the fold ensemble and TTA, and
+prints the OOF accuracy without and with TTA, the fold ensemble's held-out accuracy and the wall
+times. Skips cleanly where ../shared is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from finetune_study import DATA, REPO
+from labelcomp.config import load_config
+from labelcomp.probe import run_probe
+from labelcomp.submit import submit, test_proba_path
+from labelcomp.train import run
+
+
+def build_competition(folder: Path, per_class: int, holdout_per_class: int, seed: int) -> pd.DataFrame:
+    """train.csv of `per_class` images per class and a test split of `holdout_per_class` others;
+    returns the held-out images with their labels."""
+    table = pd.read_csv(DATA / "train.csv").sample(frac=1.0, random_state=seed)
+    holdout = table.groupby("label").head(holdout_per_class)
+    train = table.drop(holdout.index).groupby("label").head(per_class)
+    folder.mkdir(parents=True, exist_ok=True)
+    train.rename(columns={"image": "image_id"}).to_csv(folder / "train.csv", index=False)
+    pd.DataFrame({"image_id": holdout["image"]}).to_csv(folder / "test.csv", index=False)
+    labels = sorted(table["label"].unique())
+    pd.DataFrame({"image_id": holdout["image"], "label": labels[0]}).to_csv(folder / "sample_submission.csv",
+                                                                           index=False)
+    spec = {
+        "name": "cifar100-coarse-quality", "metric": "accuracy", "labels": labels,
+        "train": {"csv": "train.csv", "id_column": "image_id", "label_column": "label", "images": str(DATA)},
+        "test": {"csv": "test.csv", "id_column": "image_id", "images": str(DATA)},
+        "submission": {"sample": "sample_submission.csv", "id_column": "image_id", "label_column": "label"},
+    }
+    (folder / "competition.yaml").write_text(yaml.safe_dump(spec))
+    return holdout
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--recipes", default="probe,quick,quality", help="configs/<name>.yaml, or probe")
+    parser.add_argument("--per-class", type=int, default=400, help="training images per class")
+    parser.add_argument("--holdout-per-class", type=int, default=100, help="held-out images per class")
+    parser.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every recipe")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        print(f"quality-study skipped: {DATA} not found")
+        return 0
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="quality-study-"))
+    holdout = build_competition(work / "competition", args.per_class, args.holdout_per_class, seed=0)
+    truth = holdout.set_index("image")["label"]
+    rows = []
+    for recipe in args.recipes.split(","):
+        source = REPO / "configs" / f"{'default' if recipe == 'probe' else recipe}.yaml"
+        overrides = [f"competition={work / 'competition'}", f"paths.runs={work / 'runs'}",
+                     f"paths.submissions={work / 'submissions'}", f"experiment=study-{recipe}",
+                     "trainer.progress_bar=false", *args.set]
+        if recipe == "probe":
+            overrides.append("augment.image_size=128")
+        config = load_config(source, overrides)
+        started = time.perf_counter()
+        if recipe == "probe":
+            run_dir, scores = run_probe(config)
+            trained = time.perf_counter()
+        else:
+            run_dir, scores = run(config)
+            trained = time.perf_counter()
+            submit(config, run_dir.run_id)
+        proba = pd.read_csv(test_proba_path(Path(config.paths.submissions), run_dir.run_id), dtype={"id": str})
+        predicted = proba.columns[1:][proba.iloc[:, 1:].to_numpy().argmax(1)]
+        held_out = (predicted == truth.loc[proba["id"]].to_numpy()).mean()
+        rows.append({
+            "recipe": recipe, "px": config.augment.image_size, "OOF": f"{scores['oof_score']:.4f}",
+            "OOF + TTA": f"{scores['oof_tta_score']:.4f} ({scores['tta']['policy']})",
+            "fold ensemble, held out": f"{held_out:.4f}",
+            "train min": f"{(trained - started) / 60:.1f}", "+ test min": f"{(time.perf_counter() - trained) / 60:.1f}",
+        })
+        print(pd.DataFrame(rows).to_string(index=False), file=sys.stderr, flush=True)
+    print(f"{args.per_class * 20} training images, {len(truth)} held out")
+    print(pd.DataFrame(rows).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
