@@ -89,3 +89,14 @@ def test_bad_image_is_one_stderr_line_from_the_real_process(tmp_path, tiny_compe
         f"labelcomp: error: 1 unreadable training image(s): {image}: cannot be decoded as an image; replace or remove it"
     ]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "submit", "probe", "bench", "report", "lr-find"])
+def test_config_errors_answer_before_the_heavy_libraries_load(command):
+    # torch and Lightning take seconds to import; a wrong path must not wait for them
+    script = ("import sys; from labelcomp.cli import main; "
+              f"code = main([{command!r}, '--config', 'nowhere.yaml']); "
+              "sys.exit(code if not {'torch', 'lightning', 'timm'} & set(sys.modules) else 99)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "nowhere.yaml: config file not found" in result.stderr

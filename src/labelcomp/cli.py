@@ -63,10 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> None:
     from labelcomp.config import load_config
-    from labelcomp.errors import LabelcompError
-    from labelcomp.history import fold_table
     from labelcomp.runs import find_run
-    from labelcomp.train import run
 
     config = load_config(args.config, args.overrides)
     run_id = args.run
@@ -77,6 +74,9 @@ def _train(args: argparse.Namespace) -> None:
         folds = [int(fold) for fold in args.folds.split(",")] if args.folds else None
     except ValueError:
         raise LabelcompError(f"--folds {args.folds!r}: expected fold numbers separated by commas, e.g. 0,1") from None
+    from labelcomp.history import fold_table
+    from labelcomp.train import run
+
     run_dir, scores = run(config, run_id, folds)
     if scores is None:
         print(f"folds {args.folds} of run {run_dir.run_id} done; scores come when every fold is")
@@ -86,56 +86,64 @@ def _train(args: argparse.Namespace) -> None:
 
 def _probe(args: argparse.Namespace) -> None:
     from labelcomp.config import load_config
+
+    config = load_config(args.config, args.overrides)
     from labelcomp.history import fold_table
     from labelcomp.probe import run_probe
 
-    _, scores = run_probe(load_config(args.config, args.overrides))
+    _, scores = run_probe(config)
     print(fold_table(scores))
 
 
 def _lr_find(args: argparse.Namespace) -> None:
     from labelcomp.config import load_config
+
+    config = load_config(args.config, args.overrides)
     from labelcomp.lr_find import find_lr
 
-    suggestion, plot = find_lr(load_config(args.config, args.overrides), args.stage)
+    suggestion, plot = find_lr(config, args.stage)
     found = f"suggested lr for stage {args.stage}: {suggestion:.2e}" if suggestion else "no lr suggestion from the curve"
     print(f"{found}; plot: {plot}")
 
 
 def _report(args: argparse.Namespace) -> None:
     from labelcomp.config import load_config
+
+    config = load_config(args.config, args.overrides)
     from labelcomp.report import write_report
 
-    print(f"report written: {write_report(load_config(args.config, args.overrides), args.run)}")
+    print(f"report written: {write_report(config, args.run)}")
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from labelcomp.bench import run_bench
     from labelcomp.config import load_config
 
-    print(run_bench(load_config(args.config, args.overrides), args.seconds))
+    config = load_config(args.config, args.overrides)
+    from labelcomp.bench import run_bench
+
+    print(run_bench(config, args.seconds))
 
 
 def _submit(args: argparse.Namespace) -> None:
     from labelcomp.config import load_config
-    from labelcomp.errors import LabelcompError
-    from labelcomp.submit import submit
 
+    if args.runs and args.run:
+        raise LabelcompError("give either --run (one run) or --runs (a blend), not both")
+    config = load_config(args.config, args.overrides)
     if args.runs:
         from labelcomp.blend import blend
 
-        if args.run:
-            raise LabelcompError("give either --run (one run) or --runs (a blend), not both")
-        path, summary = blend(load_config(args.config, args.overrides), args.runs.split(","))
+        path, summary = blend(config, args.runs.split(","))
         print(summary)
     else:
-        path = submit(load_config(args.config, args.overrides), args.run, args.overrides)
+        from labelcomp.submit import submit
+
+        path = submit(config, args.run, args.overrides)
     print(f"submission written: {path}")
 
 
 def _compare(args: argparse.Namespace) -> None:
     from labelcomp.config import load_config
-    from labelcomp.errors import LabelcompError
     from labelcomp.history import compare_runs, compare_table, history_path, plot_history, read_history
 
     runs = [item for item in args.overrides if "=" not in item]
