@@ -9,44 +9,15 @@ epochs; prints CV scores and wall times. Skips cleanly where ../shared is absent
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from labelcomp.config import load_config
 from labelcomp.probe import run_probe
 from labelcomp.train import run
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DATA = SHARED / "data" / "cifar100_coarse"
-WEIGHTS = SHARED / "weights" / "mobilenetv2_035_keras_imagenet_backbone.pth"
-
-
-def build_competition(folder: Path, per_class: int, seed: int) -> Path:
-    """The first `per_class` images of each class (shuffled with `seed`) as a Kaggle-style competition
-    that reads the shared images in place; a few images stand in for the unused test split."""
-    table = pd.read_csv(DATA / "train.csv").sample(frac=1.0, random_state=seed)
-    picked = table.groupby("label").head(per_class)
-    folder.mkdir(parents=True, exist_ok=True)
-    picked.rename(columns={"image": "image_id"}).to_csv(folder / "train.csv", index=False)
-    test_ids = picked["image"].head(20)
-    pd.DataFrame({"image_id": test_ids}).to_csv(folder / "test.csv", index=False)
-    labels = sorted(table["label"].unique())
-    pd.DataFrame({"image_id": test_ids, "label": labels[0]}).to_csv(folder / "sample_submission.csv", index=False)
-    spec = {
-        "name": "cifar100-coarse-study", "metric": "accuracy", "labels": labels,
-        "train": {"csv": "train.csv", "id_column": "image_id", "label_column": "label", "images": str(DATA)},
-        "test": {"csv": "test.csv", "id_column": "image_id", "images": str(DATA)},
-        "submission": {"sample": "sample_submission.csv", "id_column": "image_id", "label_column": "label"},
-    }
-    (folder / "competition.yaml").write_text(yaml.safe_dump(spec))
-    return folder
+from study_data import REPO, build_competition, study_folder
 
 
 def main() -> int:
@@ -56,14 +27,11 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=6, help="total epochs of every recipe")
     parser.add_argument("--image-size", type=int, default=64)
     args = parser.parse_args()
-    if not DATA.is_dir() or not WEIGHTS.is_file():
-        print(f"finetune-study skipped: {DATA} or {WEIGHTS} not found")
+    work = study_folder("finetune-study")
+    if work is None:
         return 0
-    logging.basicConfig(level=logging.WARNING)
-    for name in ("lightning.pytorch", "lightning.fabric"):  # per-fold hardware notices
-        logging.getLogger(name).setLevel(logging.WARNING)
-    work = Path(tempfile.mkdtemp(prefix="finetune-study-"))
-    competition = build_competition(work / "competition", args.per_class, seed=0)
+    competition = work / "competition"
+    build_competition(competition, args.per_class, seed=0)
     common = [
         f"competition={competition}", f"paths.runs={work / 'runs'}", f"paths.submissions={work / 'submissions'}",
         f"model.pretrained={REPO / 'competition/demo/weights/mobilenetv2_035_keras_imagenet_backbone.pth'}",

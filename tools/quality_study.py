@@ -10,42 +10,17 @@ times. Skips cleanly where ../shared is absent.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from finetune_study import DATA, REPO
 from labelcomp.config import load_config
 from labelcomp.probe import run_probe
 from labelcomp.submit import submit, test_proba_path
 from labelcomp.train import run
-
-
-def build_competition(folder: Path, per_class: int, holdout_per_class: int, seed: int) -> pd.DataFrame:
-    """train.csv of `per_class` images per class and a test split of `holdout_per_class` others;
-    returns the held-out images with their labels."""
-    table = pd.read_csv(DATA / "train.csv").sample(frac=1.0, random_state=seed)
-    holdout = table.groupby("label").head(holdout_per_class)
-    train = table.drop(holdout.index).groupby("label").head(per_class)
-    folder.mkdir(parents=True, exist_ok=True)
-    train.rename(columns={"image": "image_id"}).to_csv(folder / "train.csv", index=False)
-    pd.DataFrame({"image_id": holdout["image"]}).to_csv(folder / "test.csv", index=False)
-    labels = sorted(table["label"].unique())
-    pd.DataFrame({"image_id": holdout["image"], "label": labels[0]}).to_csv(folder / "sample_submission.csv",
-                                                                           index=False)
-    spec = {
-        "name": "cifar100-coarse-quality", "metric": "accuracy", "labels": labels,
-        "train": {"csv": "train.csv", "id_column": "image_id", "label_column": "label", "images": str(DATA)},
-        "test": {"csv": "test.csv", "id_column": "image_id", "images": str(DATA)},
-        "submission": {"sample": "sample_submission.csv", "id_column": "image_id", "label_column": "label"},
-    }
-    (folder / "competition.yaml").write_text(yaml.safe_dump(spec))
-    return holdout
+from study_data import REPO, build_competition, study_folder
 
 
 def main() -> int:
@@ -55,14 +30,11 @@ def main() -> int:
     parser.add_argument("--holdout-per-class", type=int, default=100, help="held-out images per class")
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every recipe")
     args = parser.parse_args()
-    if not DATA.is_dir():
-        print(f"quality-study skipped: {DATA} not found")
+    work = study_folder("quality-study")
+    if work is None:
         return 0
-    logging.basicConfig(level=logging.WARNING)
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    work = Path(tempfile.mkdtemp(prefix="quality-study-"))
-    holdout = build_competition(work / "competition", args.per_class, args.holdout_per_class, seed=0)
+    holdout = build_competition(work / "competition", args.per_class, seed=0,
+                                holdout_per_class=args.holdout_per_class)
     truth = holdout.set_index("image")["label"]
     rows = []
     for recipe in args.recipes.split(","):

@@ -7,31 +7,25 @@ precision and memory format. Skips cleanly where ../shared is absent.
 
 from __future__ import annotations
 
-import logging
-import tempfile
 import time
-from pathlib import Path
 
 import pandas as pd
 
-from finetune_study import DATA, REPO, build_competition
 from labelcomp.bench import fit_one_epoch
 from labelcomp.config import load_config
 from labelcomp.train import prepare
+from study_data import REPO, build_competition, study_folder
 
 SIZES = (32, 64, 128)
 IMAGES = (1000, 5000, 10000)
 
 
 def main() -> int:
-    if not DATA.is_dir():
-        print(f"scaling-study skipped: {DATA} not found")
+    work = study_folder("scaling-study")
+    if work is None:
         return 0
-    logging.basicConfig(level=logging.WARNING)
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    work = Path(tempfile.mkdtemp(prefix="scaling-study-"))
-    competition = build_competition(work / "competition", per_class=max(IMAGES) // 20, seed=0)
+    competition = work / "competition"
+    build_competition(competition, per_class=max(IMAGES) // 20, seed=0)
     rows = []
     for size in SIZES:
         config = load_config(REPO / "configs" / "default.yaml", [

@@ -1,0 +1,50 @@
+"""What the studies share: the 10,000 CIFAR-100 coarse images of ../shared as a competition."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA = SHARED / "data" / "cifar100_coarse"
+WEIGHTS = SHARED / "weights" / "mobilenetv2_035_keras_imagenet_backbone.pth"
+
+
+def study_folder(name: str) -> Path | None:
+    """A fresh working folder for study `name`, or None (with a message) where ../shared is absent."""
+    if not DATA.is_dir() or not WEIGHTS.is_file():
+        print(f"{name} skipped: {DATA} or {WEIGHTS} not found")
+        return None
+    logging.basicConfig(level=logging.WARNING)
+    for logger in ("lightning.pytorch", "lightning.fabric"):  # per-fold hardware notices
+        logging.getLogger(logger).setLevel(logging.WARNING)
+    return Path(tempfile.mkdtemp(prefix=f"{name}-"))
+
+
+def build_competition(folder: Path, per_class: int, seed: int, holdout_per_class: int = 0) -> pd.DataFrame:
+    """A Kaggle-style competition reading the shared images in place: `per_class` training images per
+    class (shuffled with `seed`) and a test split of `holdout_per_class` other images per class, whose
+    labels only the caller gets (the returned frame). Without a holdout, 20 training images stand in
+    for the test split."""
+    table = pd.read_csv(DATA / "train.csv").sample(frac=1.0, random_state=seed)
+    holdout = table.groupby("label").head(holdout_per_class)
+    train = table.drop(holdout.index).groupby("label").head(per_class)
+    test_ids = holdout["image"] if holdout_per_class else train["image"].head(20)
+    folder.mkdir(parents=True, exist_ok=True)
+    train.rename(columns={"image": "image_id"}).to_csv(folder / "train.csv", index=False)
+    pd.DataFrame({"image_id": test_ids}).to_csv(folder / "test.csv", index=False)
+    labels = sorted(table["label"].unique())
+    pd.DataFrame({"image_id": test_ids, "label": labels[0]}).to_csv(folder / "sample_submission.csv", index=False)
+    spec = {
+        "name": "cifar100-coarse-study", "metric": "accuracy", "labels": labels,
+        "train": {"csv": "train.csv", "id_column": "image_id", "label_column": "label", "images": str(DATA)},
+        "test": {"csv": "test.csv", "id_column": "image_id", "images": str(DATA)},
+        "submission": {"sample": "sample_submission.csv", "id_column": "image_id", "label_column": "label"},
+    }
+    (folder / "competition.yaml").write_text(yaml.safe_dump(spec))
+    return holdout
