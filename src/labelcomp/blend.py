@@ -23,6 +23,7 @@ from labelcomp.competition import Competition
 from labelcomp.config import load_config
 from labelcomp.errors import LabelcompError
 from labelcomp.metrics import METRICS, Metric, multiclass_log_loss
+from labelcomp.predict import check_ensemble
 from labelcomp.runs import RunDir, find_run, write_csv_atomic, write_text_atomic
 from labelcomp.submit import predict_run_test, test_proba_path, write_submission
 
@@ -120,9 +121,8 @@ def blend(config: DictConfig, run_ids: list[str]) -> tuple[Path, str]:
     run_configs = [load_config(run.config) for run in runs]
     competition = Competition.load(run_configs[0].competition)
     metric = METRICS[competition.spec.metric]
+    check_ensemble(config.ensemble)
     objective = config.ensemble.blend_objective
-    if objective not in ("logloss", "metric"):
-        raise LabelcompError(f"ensemble.blend_objective '{objective}' is unknown; use logloss or metric")
     oof, target, folds, same_folds = _read_oof(runs, competition)
 
     weights = fit_blend_weights(oof, target, metric, objective)

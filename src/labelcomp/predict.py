@@ -80,6 +80,14 @@ def predict_views(
 
 
 FOLD_WEIGHTS = ("equal", "score")
+BLEND_OBJECTIVES = ("logloss", "metric")
+
+
+def check_ensemble(ensemble: DictConfig) -> None:
+    if ensemble.fold_weights not in FOLD_WEIGHTS:
+        raise LabelcompError(f"ensemble.fold_weights '{ensemble.fold_weights}' is unknown; use equal or score")
+    if ensemble.blend_objective not in BLEND_OBJECTIVES:
+        raise LabelcompError(f"ensemble.blend_objective '{ensemble.blend_objective}' is unknown; use logloss or metric")
 
 
 def fold_weights(fold_scores: list[float], how: str, mode: str) -> np.ndarray:

@@ -34,7 +34,7 @@ from labelcomp.finetune import StagedFinetuning, resolve_stages
 from labelcomp.folds import assign_folds, fold_groups
 from labelcomp.metrics import METRICS, multiclass_log_loss
 from labelcomp.model import ClassifierModule, apply_weights_card, build_model, resolve_normalization
-from labelcomp.predict import FOLD_WEIGHTS, load_classifier, predict_views
+from labelcomp.predict import check_ensemble, load_classifier, predict_views
 from labelcomp.runs import RunDir, new_run, write_csv_atomic, write_text_atomic
 from labelcomp.speed import device_of, loader_workers, peak_memory_gb, reset_peak_memory, resolve_speed, resolve_workers
 from labelcomp.survey import survey
@@ -74,11 +74,7 @@ def prepare(config: DictConfig) -> Prepared:
     folds = assign_folds(train, config.cv.folds, config.seed, fold_groups(train, duplicates), source)
     resolve_stages(config.finetune)
     check_tta(config.tta)
-    if config.ensemble.fold_weights not in FOLD_WEIGHTS:
-        raise LabelcompError(f"ensemble.fold_weights '{config.ensemble.fold_weights}' is unknown; use equal or score")
-    if config.ensemble.blend_objective not in ("logloss", "metric"):
-        raise LabelcompError(f"ensemble.blend_objective '{config.ensemble.blend_objective}' is unknown; "
-                             "use logloss or metric")
+    check_ensemble(config.ensemble)
     apply_weights_card(config.model)
     build_model(config.model, competition.num_classes)
     _logger.info("backbone %s, pretrained: %s", config.model.name, config.model.pretrained)
