@@ -24,8 +24,8 @@ from labelcomp.config import load_config
 from labelcomp.errors import LabelcompError
 from labelcomp.metrics import METRICS, Metric, multiclass_log_loss
 from labelcomp.predict import check_ensemble
-from labelcomp.runs import RunDir, find_run, write_csv_atomic, write_text_atomic
-from labelcomp.submit import predict_run_test, test_proba_path, write_submission
+from labelcomp.runs import RunDir, find_run, write_text_atomic
+from labelcomp.submit import predict_run_test, test_proba_path, write_submission, write_test_proba
 
 _logger = logging.getLogger(__name__)
 
@@ -107,8 +107,7 @@ def _test_proba(run: RunDir, run_config: DictConfig, test: pd.DataFrame, submiss
         _logger.info("%s does not match the current test split; predicting again", path)
     _logger.info("predicting the test set with run %s", run.run_id)
     proba = predict_run_test(run, run_config, test)
-    write_csv_atomic(pd.concat([pd.DataFrame({"id": test["id"].to_numpy()}), pd.DataFrame(proba, columns=labels)],
-                               axis=1), path)
+    write_test_proba(submissions, run.run_id, test["id"], proba, labels)
     return proba
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from labelcomp.augment import build_transforms, merge_views, view_transforms
 from labelcomp.data import ImageDataModule
 from labelcomp.errors import LabelcompError
+from labelcomp.metrics import METRICS
 from labelcomp.model import ClassifierModule
 from labelcomp.speed import device_of, loader_workers
 
@@ -93,14 +94,18 @@ def check_ensemble(ensemble: DictConfig) -> None:
 def fold_weights(fold_scores: list[float], how: str, mode: str) -> np.ndarray:
     """Weights of the fold models in the test average: equal, or proportional to each fold's OOF score
     (to its inverse where lower is better)."""
-    if how == "equal":
-        weights = np.ones(len(fold_scores))
-    elif how == "score":
+    weights = np.ones(len(fold_scores))
+    if how == "score":
         scores = np.asarray(fold_scores, dtype=float)
         weights = scores if mode == "max" else 1 / scores
-    else:
-        raise LabelcompError(f"ensemble.fold_weights '{how}' is unknown; use equal or score")
     return weights / weights.sum()
+
+
+def run_fold_weights(scores: dict, ensemble: DictConfig) -> np.ndarray:
+    """The fold weights of a finished run from its scores.json, as the ensemble settings ask."""
+    check_ensemble(ensemble)
+    return fold_weights([fold["score"] for fold in scores["folds"]], ensemble.fold_weights,
+                        METRICS[scores["metric"]].mode)
 
 
 def predict_folds(

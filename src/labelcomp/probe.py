@@ -19,9 +19,8 @@ from torch import nn
 from labelcomp import history
 from labelcomp.config import save_config
 from labelcomp.augment import merge_views, policy_views, scored_views
-from labelcomp.metrics import METRICS
 from labelcomp.model import build_model
-from labelcomp.predict import fold_weights, predict_views
+from labelcomp.predict import predict_views, run_fold_weights
 from labelcomp.runs import RunDir, new_run, write_csv_atomic
 from labelcomp.submit import write_submission
 from labelcomp.train import prepare, run_row, write_oof, write_scores
@@ -73,8 +72,7 @@ def run_probe(config: DictConfig) -> tuple[RunDir, dict[str, Any]]:
     scores = write_scores(run_dir, competition, config)
     history.record_run(history.history_path(config.paths.submissions), run_row(run_dir, config, scores))
     chosen = [views.index(view) for view in policy_views(scores["tta"]["policy"], config.tta)]
-    weights = fold_weights([fold["score"] for fold in scores["folds"]], config.ensemble.fold_weights,
-                           METRICS[scores["metric"]].mode)
+    weights = run_fold_weights(scores, config.ensemble)
     test_proba = sum(weight * merge_views(outputs[chosen], config.tta.merge)
                      for weight, outputs in zip(weights, test_outputs))
     write_submission(competition, run_dir.run_id, test["id"], test_proba, Path(config.paths.submissions))

@@ -16,8 +16,7 @@ from labelcomp.augment import policy_views
 from labelcomp.competition import Competition
 from labelcomp.config import load_config
 from labelcomp.errors import LabelcompError
-from labelcomp.metrics import METRICS
-from labelcomp.predict import fold_weights, predict_folds
+from labelcomp.predict import predict_folds, run_fold_weights
 from labelcomp.runs import RunDir, find_run, write_csv_atomic
 from labelcomp.survey import survey
 
@@ -36,11 +35,11 @@ def submit(config: DictConfig, run_id: str | None = None, overrides: list[str] |
     return write_submission(competition, run.run_id, test["id"], proba, Path(run_config.paths.submissions))
 
 
-def run_tta_policy(run: RunDir, run_config: DictConfig) -> str:
+def run_tta_policy(scores: dict, run_config: DictConfig) -> str:
     """The configured TTA policy, or with `auto` the one the run chose on its OOF predictions."""
     if run_config.tta.policy != "auto":
         return run_config.tta.policy
-    chosen = json.loads(run.scores.read_text())["tta"]
+    chosen = scores["tta"]
     return chosen["policy"] if isinstance(chosen, dict) else chosen  # runs saved before TTA policies
 
 
@@ -53,10 +52,8 @@ def predict_run_test(run: RunDir, run_config: DictConfig, test: pd.DataFrame) ->
     if missing:
         raise LabelcompError(f"run {run.run_id}: fold checkpoints missing: {missing}; finish training the run first")
     scores = json.loads(run.scores.read_text())
-    weights = fold_weights([fold["score"] for fold in scores["folds"]], run_config.ensemble.fold_weights,
-                           METRICS[scores["metric"]].mode)
-    views = policy_views(run_tta_policy(run, run_config), run_config.tta)
-    return predict_folds(checkpoints, test, run_config, views, weights)
+    views = policy_views(run_tta_policy(scores, run_config), run_config.tta)
+    return predict_folds(checkpoints, test, run_config, views, run_fold_weights(scores, run_config.ensemble))
 
 
 def write_submission(
@@ -66,12 +63,16 @@ def write_submission(
     and the file's name in the run's score-history row."""
     path = submissions / f"{run_id}.csv"
     competition.write_submission(ids, proba, path)
-    probabilities = pd.concat([pd.DataFrame({"id": ids.to_numpy()}), pd.DataFrame(proba, columns=competition.labels)],
-                              axis=1)
-    write_csv_atomic(probabilities, test_proba_path(submissions, run_id))
+    write_test_proba(submissions, run_id, ids, proba, competition.labels)
     history.record_submission(history.history_path(submissions), run_id, path.name)
     return path
 
 
 def test_proba_path(submissions: Path, run_id: str) -> Path:
     return Path(submissions) / f"{run_id}.test_proba.csv"
+
+
+def write_test_proba(submissions: Path, run_id: str, ids: pd.Series, proba: np.ndarray, labels: list[str]) -> None:
+    """The test probabilities a blend reads instead of predicting again: id, then one column per class."""
+    frame = pd.concat([pd.DataFrame({"id": ids.to_numpy()}), pd.DataFrame(proba, columns=labels)], axis=1)
+    write_csv_atomic(frame, test_proba_path(submissions, run_id))
