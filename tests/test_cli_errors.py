@@ -32,6 +32,7 @@ CASES = {
     "weights of another architecture": (None, ["model.name=resnet18"], "holds mobilenetv2_035 weights"),
     "unknown model": (None, ["model.name=resnet9000", "model.pretrained=false"], "'resnet9000' is not a timm model"),
     "unknown augmentation": (None, ["augment.train=[{name: Sparkle}]"], "'Sparkle' is not an Albumentations transform"),
+    "normalize in the transform list": (None, ["augment.train=[{name: Normalize}]"], "remove Normalize; labelcomp"),
     "unknown tta": (None, ["tta=spin"], "tta policy 'spin' is unknown"),
     "unknown tta in the scored list": (None, ["tta.policies=[hflip,spin]"], "tta policy 'spin' is unknown"),
     "unknown tta merge": (None, ["tta.merge=median"], "tta.merge 'median' is unknown"),

@@ -79,7 +79,7 @@ def fitted(tmp_path_factory):
         metric="accuracy",
     )
     data = ImageDataModule(
-        batch_size=8, num_workers=0, train=train, val=train,
+        batch_size=8, num_workers=0, mean=config.augment.mean, std=config.augment.std, train=train, val=train,
         train_transform=build_transforms(config.augment, train=True),
         eval_transform=build_transforms(config.augment, train=False),
     )

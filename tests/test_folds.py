@@ -84,7 +84,8 @@ def test_augmentations_repeat_across_runs_and_differ_across_epochs(tiny_competit
 
     def two_epochs():
         L.seed_everything(3, workers=True)
-        data = ImageDataModule(batch_size=8, num_workers=workers, train=train,
+        data = ImageDataModule(batch_size=8, num_workers=workers, mean=config.augment.mean, std=config.augment.std,
+                               train=train,
                                train_transform=build_transforms(config.augment, train=True, seed=3))
         loader = data.train_dataloader()
         return [torch.cat([images for images, _ in loader]) for _ in range(2)]
@@ -96,3 +97,28 @@ def test_augmentations_repeat_across_runs_and_differ_across_epochs(tiny_competit
     assert all(torch.equal(a, b) for a, b in zip(first, second))  # same seed: same augmented images
     assert not torch.allclose(drawn(first[0]), drawn(first[1]))  # a new epoch draws new augmentations
     assert len(set(drawn(first[0]).tolist())) > 1  # and the copies within an epoch differ too
+
+
+def test_loader_gives_uint8_and_batches_are_normalized_as_albumentations_would(tiny_competition):
+    import albumentations as A
+    import torch
+
+    from labelcomp.augment import build_transforms
+    from labelcomp.config import load_config
+    from labelcomp.data import ImageDataModule, read_image
+    from conftest import REPO, tiny_overrides
+
+    config = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(tiny_competition.parent, tiny_competition))
+    config.augment.mean, config.augment.std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    frame = Competition.load(tiny_competition).read_train().head(4)
+    data = ImageDataModule(batch_size=4, num_workers=0, mean=config.augment.mean, std=config.augment.std,
+                           predict=frame, eval_transform=build_transforms(config.augment, train=False))
+    images, _ = next(iter(data.predict_dataloader()))
+    assert images.dtype == torch.uint8  # a quarter of the bytes to collate and transfer
+    normalized, _ = data.on_after_batch_transfer((images, torch.zeros(4)), 0)
+    per_image = A.Compose([A.Resize(config.augment.image_size, config.augment.image_size),
+                           A.Normalize(mean=config.augment.mean, std=config.augment.std)])
+    expected = torch.stack([torch.from_numpy(per_image(image=read_image(path))["image"]).permute(2, 0, 1)
+                            for path in frame["path"]])
+    assert normalized.dtype == torch.float32
+    torch.testing.assert_close(normalized, expected, rtol=1e-5, atol=1e-5)

@@ -25,7 +25,7 @@ from study_data import REPO, build_competition, study_folder
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--recipes", default="probe,quick,quality", help="configs/<name>.yaml, or probe")
+    parser.add_argument("--recipes", default="probe,quick,quality", help="configs/<name>.yaml, a YAML file's path, or probe")
     parser.add_argument("--per-class", type=int, default=400, help="training images per class")
     parser.add_argument("--holdout-per-class", type=int, default=100, help="held-out images per class")
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every recipe")
@@ -38,7 +38,10 @@ def main() -> int:
     truth = holdout.set_index("image")["label"]
     rows = []
     for recipe in args.recipes.split(","):
-        source = REPO / "configs" / f"{'default' if recipe == 'probe' else recipe}.yaml"
+        if recipe.endswith((".yaml", ".yml")):
+            source, recipe = Path(recipe).resolve(), Path(recipe).stem
+        else:
+            source = REPO / "configs" / f"{'default' if recipe == 'probe' else recipe}.yaml"
         overrides = [f"competition={work / 'competition'}", f"paths.runs={work / 'runs'}",
                      f"paths.submissions={work / 'submissions'}", f"experiment=study-{recipe}",
                      "trainer.progress_bar=false", *args.set]

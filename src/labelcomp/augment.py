@@ -15,8 +15,13 @@ from scipy.special import log_softmax, softmax
 from labelcomp.errors import LabelcompError
 
 
+# labelcomp normalizes whole batches with augment.mean / augment.std (data.normalize); these in a
+# transform list would scale the images twice
+_NOT_IN_LISTS = ("Normalize", "ToFloat", "ToTensorV2")
+
+
 def build_transforms(augment: DictConfig, train: bool, seed: int | None = None) -> A.Compose:
-    """The configured transforms, then Normalize with the resolved mean/std and ToTensorV2.
+    """The configured transforms, then ToTensorV2: uint8 (3, H, W) tensors, normalized later per batch.
 
     Albumentations draws from its own generator, which global seeding does not reach: `seed` makes
     the sequence of augmentations repeatable (it still differs from image to image and epoch to epoch)."""
@@ -26,6 +31,9 @@ def build_transforms(augment: DictConfig, train: bool, seed: int | None = None) 
     for position, step in enumerate(steps):
         arguments = dict(step)
         name = arguments.pop("name", None)
+        if name in _NOT_IN_LISTS:
+            raise LabelcompError(f"{key}[{position}]: remove {name}; labelcomp converts and normalizes the images "
+                                 "itself, with augment.mean and augment.std")
         transform_class = getattr(A, str(name), None)
         if transform_class is None:
             raise LabelcompError(f"{key}[{position}]: '{name}' is not an Albumentations transform")
@@ -35,7 +43,7 @@ def build_transforms(augment: DictConfig, train: bool, seed: int | None = None) 
             raise LabelcompError(f"{key}[{position}] ({name}): {error}") from None
     if augment.mean is None or augment.std is None:
         raise LabelcompError("augment.mean / augment.std are not resolved; set them or let train resolve them")
-    transforms += [A.Normalize(mean=list(augment.mean), std=list(augment.std)), ToTensorV2()]
+    transforms.append(ToTensorV2())
     return A.Compose(transforms, seed=seed)
 
 

@@ -23,9 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from labelcomp.augment import policy_views
 from labelcomp.finetune import StagedFinetuning
-from labelcomp.model import build_model
 from labelcomp.predict import predict_views
-from labelcomp.speed import cores, device_name, device_of, measure_variants, training_rate
+from labelcomp.speed import candidates, cores, device_name, device_of, measure_variants
 from labelcomp.train import classifier_module, fold_data, prepare
 
 WARMUP_STEPS = 5
@@ -78,13 +77,13 @@ def _pipeline_rate(config: DictConfig, competition, train: pd.DataFrame, cache, 
 
 
 def _loading_rate(data, steps: int) -> float:
-    """Images/s of the training loader alone (decode or cache, augmentation, collation)."""
+    """Images/s of the training loader alone (decode or cache, augmentation, collation, normalization)."""
     loader = iter(data.train_dataloader())
     for _ in range(WARMUP_STEPS):
         next(loader)
     start, images = time.perf_counter(), 0
     for _ in range(steps):
-        images += len(next(loader)[0])
+        images += len(data.on_after_batch_transfer(next(loader), 0)[0])
     return images / (time.perf_counter() - start)
 
 
@@ -103,25 +102,26 @@ def run_bench(config: DictConfig, seconds: float = 4.0) -> str:
              f"({cores()} cores); pipeline: precision {config.trainer.precision}, channels_last "
              f"{config.trainer.channels_last}, num_workers {config.data.num_workers}"]
 
-    variants = measure_variants(config, classes, seconds)
-    fastest = max(variants, key=variants.get)
-    lines.append("(a) model-only training, synthetic tensors, images/s:")
-    lines += [f"      {variant.precision:<11} {'channels_last' if variant.channels_last else 'contiguous':<14}"
-              f"{rate:8.0f}" + ("  <- fastest" if variant == fastest else "") for variant, rate in variants.items()]
-
-    # this machine's speed drifts by 10% and more from one measurement to the next: (a) and (b) are
-    # measured in alternation and each taken as the median, so drift does not land in one of them
-    steps = max(20, round(seconds * variants[fastest] / batch))
-    limits, pipelines = [], []
+    # this machine's speed drifts by 10% and more from one measurement to the next: every variant and
+    # (b) are measured in turn, round after round, and each is taken as its median, so drift lands in
+    # none of them alone and (a) is the best variant, not the luckiest measurement
+    limits: dict = {variant: [] for variant in candidates(device)}
+    pipelines = []
     for _ in range(ROUNDS):
-        network = build_model(config.model, classes, load_weights=False)
-        limits.append(training_rate(network, fastest, size, batch, classes, device, seconds))
+        for variant, rates in measure_variants(config, classes, seconds, rounds=1).items():
+            limits[variant] += rates
+        steps = max(20, round(seconds * max(max(rates) for rates in limits.values()) / batch))
         rate, data, module = _pipeline_rate(config, competition, train, cache, steps)
         pipelines.append(rate)
-    limit, pipeline = float(np.median(limits)), float(np.median(pipelines))
+    medians = {variant: float(np.median(rates)) for variant, rates in limits.items()}
+    fastest = max(medians, key=medians.get)
+    limit, pipeline = medians[fastest], float(np.median(pipelines))
+    lines.append(f"(a) model-only training, synthetic tensors, images/s ({ROUNDS} rounds; median):")
+    lines += [f"      {variant.precision:<11} {'channels_last' if variant.channels_last else 'contiguous':<14}"
+              f"{_rates(limits[variant]):<20}{medians[variant]:6.0f}" + ("  <- (a)" if variant == fastest else "")
+              for variant in limits]
     loading = _loading_rate(data, steps)
-    lines += [f"    fastest variant in alternation with (b): {_rates(limits)}; (a) = {limit:.0f} images/s (median)",
-              f"(b) pipeline training (all layers, steady state, no validation): {_rates(pipelines)}; "
+    lines += [f"(b) pipeline training (all layers, steady state, no validation): {_rates(pipelines)}; "
               f"median {pipeline:.0f} images/s",
               f"(c) training loader alone: {loading:.0f} images/s"]
 

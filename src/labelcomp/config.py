@@ -50,7 +50,8 @@ class AugmentConfig:
     image_size: int = 224
     mean: Optional[list[float]] = None  # None: from the backbone's pretrained config
     std: Optional[list[float]] = None
-    # Albumentations transforms by class name and arguments; Normalize and ToTensorV2 are appended
+    # Albumentations transforms by class name and arguments; ToTensorV2 is appended, and batches are
+    # normalized with mean/std on their device (data.normalize)
     train: list[dict[str, Any]] = field(
         default_factory=lambda: [
             {"name": "RandomResizedCrop", "size": ["${augment.image_size}", "${augment.image_size}"],

@@ -67,7 +67,8 @@ def predict_views(
     """Raw outputs (logits, or features for a feature extractor) of shape (views, images, ...), one
     row per name in `views`."""
     data = ImageDataModule(
-        batch_size=config.data.batch_size, num_workers=loader_workers(config), predict=frame,
+        batch_size=config.data.batch_size, num_workers=loader_workers(config), mean=config.augment.mean,
+        std=config.augment.std, predict=frame,
         eval_transform=build_transforms(config.augment, train=False), cache=cache,
         pin_memory=device_of(config.trainer.accelerator).type == "cuda",
     )

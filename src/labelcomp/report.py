@@ -23,7 +23,7 @@ from sklearn.metrics import ConfusionMatrixDisplay
 from labelcomp.augment import build_transforms
 from labelcomp.competition import Competition
 from labelcomp.config import load_config
-from labelcomp.data import read_image
+from labelcomp.data import normalize, read_image
 from labelcomp.history import fold_table
 from labelcomp.predict import load_classifier
 from labelcomp.runs import RunDir, find_run, write_figure_atomic, write_text_atomic
@@ -105,7 +105,8 @@ def write_report(config: DictConfig, run_id: str | None = None) -> Path:
     for _, row in wrong.head(GRAD_CAM).iterrows():
         classifier = load_classifier(run.checkpoint(int(row["fold"]))).eval()
         picture = read_image(paths[row["id"]])
-        cam = grad_cam(classifier, transform(image=picture)["image"], labels.index(row["predicted"]))
+        image = normalize(transform(image=picture)["image"][None], run_config.augment.mean, run_config.augment.std)
+        cam = grad_cam(classifier, image[0], labels.index(row["predicted"]))
         if cam is not None:
             cams.append((row, picture, cam))
     if cams:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from filelock import FileLock
 from omegaconf import DictConfig
@@ -94,16 +95,21 @@ def training_rate(
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def measure_variants(config: DictConfig, num_classes: int, seconds: float) -> dict[Variant, float]:
+def measure_variants(config: DictConfig, num_classes: int, seconds: float, rounds: int = 3) -> dict[Variant, list[float]]:
+    """Training images/s of every variant, `rounds` measurements of `seconds` each, taken in turn:
+    the machine's speed drifts between measurements, and in turn the drift reaches every variant."""
     from labelcomp.model import build_model
 
     device = device_of(config.trainer.accelerator)
-    rates = {}
+    networks = {}
     for variant in candidates(device):
         torch.manual_seed(0)
-        network = build_model(config.model, num_classes, load_weights=False)
-        rates[variant] = training_rate(network, variant, config.augment.image_size, config.data.batch_size,
-                                       num_classes, device, seconds)
+        networks[variant] = build_model(config.model, num_classes, load_weights=False)
+    rates: dict[Variant, list[float]] = {variant: [] for variant in networks}
+    for _ in range(rounds):
+        for variant, network in networks.items():
+            rates[variant].append(training_rate(network, variant, config.augment.image_size, config.data.batch_size,
+                                                num_classes, device, seconds))
     return rates
 
 
@@ -112,7 +118,7 @@ def _cache_key(config: DictConfig, device: torch.device) -> str:
             f"{device_name(device)}, torch {torch.__version__}")
 
 
-def resolve_speed(config: DictConfig, num_classes: int, seconds: float = 1.5) -> None:
+def resolve_speed(config: DictConfig, num_classes: int, seconds: float = 0.6) -> None:
     """Replace `auto` in trainer.precision / trainer.channels_last by the fastest measured variant."""
     precision_auto, layout_auto = config.trainer.precision == "auto", config.trainer.channels_last == "auto"
     if not (precision_auto or layout_auto):
@@ -126,8 +132,8 @@ def resolve_speed(config: DictConfig, num_classes: int, seconds: float = 1.5) ->
         if key not in known:
             _logger.info("measuring training speed of %s variants (once for this machine and config)", key)
             rates = measure_variants(config, num_classes, seconds)
-            known[key] = [{"precision": variant.precision, "channels_last": variant.channels_last, "images_per_s": rate}
-                          for variant, rate in rates.items()]
+            known[key] = [{"precision": variant.precision, "channels_last": variant.channels_last,
+                           "images_per_s": float(np.median(measured))} for variant, measured in rates.items()]
             write_text_atomic(cache, json.dumps(known, indent=2) + "\n")
     measured = [row for row in known[key]
                 if (precision_auto or row["precision"] == config.trainer.precision)

@@ -146,7 +146,8 @@ def open_run(config: DictConfig, folds: pd.DataFrame, run_id: str | None) -> tup
 def fold_data(config: DictConfig, train: pd.DataFrame, val: pd.DataFrame,
               cache: dict[str, np.ndarray] | None) -> ImageDataModule:
     return ImageDataModule(
-        batch_size=config.data.batch_size, num_workers=loader_workers(config), train=train, val=val,
+        batch_size=config.data.batch_size, num_workers=loader_workers(config), mean=config.augment.mean,
+        std=config.augment.std, train=train, val=val,
         train_transform=build_transforms(config.augment, train=True, seed=config.seed),
         eval_transform=build_transforms(config.augment, train=False), cache=cache,
         pin_memory=device_of(config.trainer.accelerator).type == "cuda",
