@@ -55,14 +55,17 @@ def main() -> int:
         else:
             run_dir, scores = run(config)
             trained = time.perf_counter()
-            submit(config, run_dir.run_id)
-        proba = pd.read_csv(test_proba_path(Path(config.paths.submissions), run_dir.run_id), dtype={"id": str})
-        predicted = proba.columns[1:][proba.iloc[:, 1:].to_numpy().argmax(1)]
-        held_out = (predicted == truth.loc[proba["id"]].to_numpy()).mean()
+        held_out = "-"  # without held-out images (--holdout-per-class 0) the study compares OOF only
+        if len(truth):
+            if recipe != "probe":
+                submit(config, run_dir.run_id)
+            proba = pd.read_csv(test_proba_path(Path(config.paths.submissions), run_dir.run_id), dtype={"id": str})
+            predicted = proba.columns[1:][proba.iloc[:, 1:].to_numpy().argmax(1)]
+            held_out = f"{(predicted == truth.loc[proba['id']].to_numpy()).mean():.4f}"
         rows.append({
             "recipe": recipe, "px": config.augment.image_size, "OOF": f"{scores['oof_score']:.4f}",
             "OOF + TTA": f"{scores['oof_tta_score']:.4f} ({scores['tta']['policy']})",
-            "fold ensemble, held out": f"{held_out:.4f}",
+            "fold ensemble, held out": held_out,
             "train min": f"{(trained - started) / 60:.1f}", "+ test min": f"{(time.perf_counter() - trained) / 60:.1f}",
         })
         print(pd.DataFrame(rows).to_string(index=False), file=sys.stderr, flush=True)

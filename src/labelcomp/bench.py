@@ -28,7 +28,7 @@ from labelcomp.speed import candidates, cores, device_name, device_of, measure_v
 from labelcomp.train import classifier_module, fold_data, prepare
 
 WARMUP_STEPS = 5
-ROUNDS = 3
+ROUNDS = 5
 
 
 def _rates(values: list[float]) -> str:
@@ -93,7 +93,7 @@ def _inference_rate(module, frame: pd.DataFrame, config: DictConfig, views: list
     return len(frame) / (time.perf_counter() - start)
 
 
-def run_bench(config: DictConfig, seconds: float = 4.0) -> str:
+def run_bench(config: DictConfig, seconds: float = 3.0) -> str:
     config.trainer.progress_bar = False
     competition, train, _, _, cache = prepare(config)
     device = device_of(config.trainer.accelerator)
