@@ -7,7 +7,7 @@ ARGS ?=
 RUN ?=
 RUNS ?=
 
-.PHONY: train submit compare test bench finetune-study scaling-study quality-study clean
+.PHONY: train submit compare test bench finetune-study scaling-study quality-study ablation-study clean
 
 # reinstalls whenever pyproject.toml (the dependencies) changes
 $(VENV)/.installed: pyproject.toml
@@ -43,6 +43,13 @@ scaling-study: $(VENV)/.installed
 # benchmark, not a test: configs/quick.yaml and quality.yaml on 10,000 real images (needs ../shared; ~45 min)
 quality-study: $(VENV)/.installed
 	$(BIN)/python tools/quality_study.py $(STUDY)
+
+# benchmark, not a test: configs/quick.yaml against each configs/ablations/ file, 5,000 images, 3 folds (~25 min)
+empty :=
+comma := ,
+ABLATIONS := $(subst $(empty) $(empty),$(comma),$(wildcard configs/ablations/*.yaml))
+ablation-study: $(VENV)/.installed
+	$(BIN)/python tools/quality_study.py --recipes quick,$(ABLATIONS) --per-class 250 --holdout-per-class 0 --set cv.folds=3
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

@@ -40,12 +40,20 @@ def test_missing_config_file_is_named(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("name", ["default", "smoke", "quick", "quality"])
-def test_shipped_configs_load_and_their_stages_resolve(name):
-    from labelcomp.augment import check_tta
+SHIPPED = sorted(str(path.relative_to(REPO / "configs")) for path in (REPO / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_load_and_their_stages_transforms_and_tta_resolve(name):
+    from labelcomp.augment import build_transforms, check_tta
     from labelcomp.finetune import resolve_stages
 
-    config = load_config(REPO / "configs" / f"{name}.yaml")
+    config = load_config(REPO / "configs" / name)
     resolve_stages(config.finetune)
     check_tta(config.tta)
-    assert config.experiment == {"default": "demo_mnv2"}.get(name, name)
+    config.augment.mean, config.augment.std = [0.5] * 3, [0.25] * 3
+    build_transforms(config.augment, train=True)
+    build_transforms(config.augment, train=False)
+    stem = name.removesuffix(".yaml")
+    expected = {"default": "demo_mnv2"}.get(stem, stem.replace("ablations/", "ablation-").replace("_", "-"))
+    assert config.experiment == expected
