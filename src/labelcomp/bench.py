@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from labelcomp.augment import policy_views
 from labelcomp.finetune import StagedFinetuning
 from labelcomp.predict import predict_views
-from labelcomp.speed import candidates, cores, device_name, device_of, measure_variants
+from labelcomp.speed import Variant, candidates, cores, device_name, device_of, measure_variants
 from labelcomp.train import classifier_module, fold_data, prepare
 
 WARMUP_STEPS = 5
@@ -102,13 +102,15 @@ def run_bench(config: DictConfig, seconds: float = 3.0) -> str:
              f"({cores()} cores); pipeline: precision {config.trainer.precision}, channels_last "
              f"{config.trainer.channels_last}, num_workers {config.data.num_workers}"]
 
-    # this machine's speed drifts by 10% and more from one measurement to the next: every variant and
-    # (b) are measured in turn, round after round, and each is taken as its median, so drift lands in
-    # none of them alone and (a) is the best variant, not the luckiest measurement
+    # this machine's speed drifts by 10% and more within seconds: every variant and (b) are measured in
+    # turn, round after round, the pipeline's own variant right before (b); (a) is the variant with the
+    # best median, not the luckiest measurement, and the ratio is the median of the rounds' ratios of
+    # (b) to (a) measured seconds apart, so the drift between rounds cancels out
+    chosen = Variant(config.trainer.precision, bool(config.trainer.channels_last))
     limits: dict = {variant: [] for variant in candidates(device)}
     pipelines = []
     for _ in range(ROUNDS):
-        for variant, rates in measure_variants(config, classes, seconds, rounds=1).items():
+        for variant, rates in measure_variants(config, classes, seconds, rounds=1, last=chosen).items():
             limits[variant] += rates
         steps = max(20, round(seconds * max(max(rates) for rates in limits.values()) / batch))
         rate, data, module = _pipeline_rate(config, competition, train, cache, steps)
@@ -116,13 +118,15 @@ def run_bench(config: DictConfig, seconds: float = 3.0) -> str:
     medians = {variant: float(np.median(rates)) for variant, rates in limits.items()}
     fastest = max(medians, key=medians.get)
     limit, pipeline = medians[fastest], float(np.median(pipelines))
+    ratios = [rate / best for rate, best in zip(pipelines, limits[fastest])]
     lines.append(f"(a) model-only training, synthetic tensors, images/s ({ROUNDS} rounds; median):")
     lines += [f"      {variant.precision:<11} {'channels_last' if variant.channels_last else 'contiguous':<14}"
-              f"{_rates(limits[variant]):<20}{medians[variant]:6.0f}" + ("  <- (a)" if variant == fastest else "")
+              f"{_rates(limits[variant]):<26}{medians[variant]:6.0f}" + ("  <- (a)" if variant == fastest else "")
               for variant in limits]
     loading = _loading_rate(data, steps)
     lines += [f"(b) pipeline training (all layers, steady state, no validation): {_rates(pipelines)}; "
-              f"median {pipeline:.0f} images/s",
+              f"median {pipeline:.0f} images/s; (b)/(a) by round: "
+              + " / ".join(f"{ratio:.2f}" for ratio in ratios),
               f"(c) training loader alone: {loading:.0f} images/s"]
 
     sample = train.head(min(len(train), 512))
@@ -131,6 +135,6 @@ def run_bench(config: DictConfig, seconds: float = 3.0) -> str:
         rate = _inference_rate(module, sample, config, views)
         lines.append(f"(d) inference, TTA {policy} ({len(views)} view{'s' if len(views) > 1 else ''}): "
                      f"{rate:.0f} images/s ({rate * len(views):.0f} views/s)")
-    lines.append(f"pipeline/model-only = {pipeline / limit:.2f}  loading/model-only = {loading / limit:.2f}")
+    lines.append(f"pipeline/model-only = {np.median(ratios):.2f}  loading/model-only = {loading / limit:.2f}")
     return "\n".join(lines)
 
