@@ -114,11 +114,15 @@ def test_loader_gives_uint8_and_batches_are_normalized_as_albumentations_would(t
     data = ImageDataModule(batch_size=4, num_workers=0, mean=config.augment.mean, std=config.augment.std,
                            predict=frame, eval_transform=build_transforms(config.augment, train=False))
     images, _ = next(iter(data.predict_dataloader()))
-    assert images.dtype == torch.uint8  # a quarter of the bytes to collate and transfer
-    normalized, _ = data.on_after_batch_transfer((images, torch.zeros(4)), 0)
-    per_image = A.Compose([A.Resize(config.augment.image_size, config.augment.image_size),
-                           A.Normalize(mean=config.augment.mean, std=config.augment.std)])
+    size = config.augment.image_size
+    assert images.dtype == torch.uint8 and images.shape == (4, size, size, 3)  # a quarter of the bytes
+    per_image = A.Compose([A.Resize(size, size), A.Normalize(mean=config.augment.mean, std=config.augment.std)])
     expected = torch.stack([torch.from_numpy(per_image(image=read_image(path))["image"]).permute(2, 0, 1)
                             for path in frame["path"]])
-    assert normalized.dtype == torch.float32
-    torch.testing.assert_close(normalized, expected, rtol=1e-5, atol=1e-5)
+    for channels_last in (False, True):
+        data.channels_last = channels_last
+        normalized, _ = data.on_after_batch_transfer((images, torch.zeros(4)), 0)
+        assert normalized.dtype == torch.float32
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        assert normalized.is_contiguous(memory_format=memory_format)  # as the backbone runs: no copy before it
+        torch.testing.assert_close(normalized, expected, rtol=1e-5, atol=1e-5)

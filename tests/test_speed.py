@@ -8,7 +8,8 @@ import torch
 from omegaconf import OmegaConf
 
 from labelcomp import speed
-from labelcomp.bench import run_bench
+from labelcomp import bench
+from labelcomp.bench import PairedModelOnly, run_bench
 from labelcomp.config import load_config
 from labelcomp.model import ClassifierModule
 from labelcomp.speed import Variant, resolve_speed, resolve_workers, training_rate
@@ -100,6 +101,33 @@ def test_bench_prints_every_measurement_and_the_ratio_line(tmp_path, tiny_compet
     assert any(line.startswith("(c) training loader alone") for line in lines)
     assert sum(line.startswith("(d) inference") for line in lines) == 3
     assert re.fullmatch(r"pipeline/model-only = \d+\.\d\d  loading/model-only = \d+\.\d\d", lines[-1])
+
+
+def test_paired_bench_times_alternating_blocks_after_the_warmup(monkeypatch):
+    # a clock that only the steps move: pipeline steps take 1 s (2 s after a slow one), model-only steps 3 s
+    clock = {"now": 0.0}
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
+    model_steps = []
+
+    def model_step():
+        model_steps.append(clock["now"])
+        clock["now"] += 3.0
+
+    paired = PairedModelOnly(model_step, block=2, warmup=3, device=torch.device("cpu"))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        for step in range(1, 10):
+            clock["now"] += 2.0 if step == 6 else 1.0
+            paired.on_train_batch_end(None, None, None, None, step - 1)
+        assert torch.are_deterministic_algorithms_enabled()  # the pipeline's mode comes back after a block
+    finally:
+        torch.use_deterministic_algorithms(False)
+    # blocks after steps 3, 5, 7, 9: no model-only step during the warmup, two per block
+    assert len(model_steps) == 8
+    assert paired.model_seconds == [6.0] * 4
+    # the pipeline blocks between them: steps 4-5, 6-7 (one slow step), 8-9; not the warmup
+    assert paired.pipeline_seconds == [2.0, 3.0, 2.0]
+    assert paired.ratios() == [3.0, 2.0, 3.0]
 
 
 def test_deterministic_training_does_not_fill_new_tensors_with_nan():

@@ -8,20 +8,19 @@ import albumentations as A
 import numpy as np
 import torch
 import torch.nn.functional as F
-from albumentations.pytorch import ToTensorV2
 from omegaconf import DictConfig, OmegaConf
 from scipy.special import log_softmax, softmax
 
 from labelcomp.errors import LabelcompError
 
 
-# labelcomp normalizes whole batches with augment.mean / augment.std (data.normalize); these in a
-# transform list would scale the images twice
+# labelcomp converts and normalizes whole batches with augment.mean / augment.std (data.normalize);
+# these in a transform list would convert or scale the images twice
 _NOT_IN_LISTS = ("Normalize", "ToFloat", "ToTensorV2")
 
 
 def build_transforms(augment: DictConfig, train: bool, seed: int | None = None) -> A.Compose:
-    """The configured transforms, then ToTensorV2: uint8 (3, H, W) tensors, normalized later per batch.
+    """The configured transforms: uint8 (H, W, C) arrays, collated as they are and normalized per batch.
 
     Albumentations draws from its own generator, which global seeding does not reach: `seed` makes
     the sequence of augmentations repeatable (it still differs from image to image and epoch to epoch)."""
@@ -43,7 +42,6 @@ def build_transforms(augment: DictConfig, train: bool, seed: int | None = None) 
             raise LabelcompError(f"{key}[{position}] ({name}): {error}") from None
     if augment.mean is None or augment.std is None:
         raise LabelcompError("augment.mean / augment.std are not resolved; set them or let train resolve them")
-    transforms.append(ToTensorV2())
     return A.Compose(transforms, seed=seed)
 
 

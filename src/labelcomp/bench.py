@@ -8,10 +8,11 @@ without TTA. (b)/(a) near 1 means the model is what limits training. A benchmark
 
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import numpy as np
@@ -24,61 +25,99 @@ from omegaconf import DictConfig, OmegaConf
 from labelcomp.augment import policy_views
 from labelcomp.finetune import StagedFinetuning
 from labelcomp.predict import predict_views
-from labelcomp.speed import Variant, candidates, cores, device_name, device_of, measure_variants
+from labelcomp.speed import Variant, cores, device_name, device_of, measure_variants, synchronize, synthetic_step
 from labelcomp.train import classifier_module, fold_data, prepare
 
 WARMUP_STEPS = 5
-ROUNDS = 5
+ROUNDS = 3  # of every variant in turn, for the table and to find the fastest
+BLOCK_SECONDS = 0.1  # of model-only time between two blocks of pipeline steps
 
 
 def _rates(values: list[float]) -> str:
     return " / ".join(f"{value:.0f}" for value in values)
 
 
-class StepClock(Callback):
-    """The time at the end of every training step."""
+class PairedModelOnly(Callback):
+    """Every `block` pipeline training steps (after `warmup`), `block` model-only steps on synthetic tensors,
+    each block timed on its own. Measured in alternating blocks half a second long, (a) and (b) see the same
+    machine: this one drifts by 10% and more within seconds, which measurements taken in turn put into
+    their ratio. Deterministic mode, which the pipeline may use, is off during the model-only blocks."""
 
-    def __init__(self):
-        self.ends: list[float] = []
+    def __init__(self, model_step: Callable[[], None], block: int, warmup: int, device: torch.device):
+        self.model_step, self.block, self.warmup, self.device = model_step, block, warmup, device
+        self.steps = 0
+        self.block_start: float | None = None
+        self.pipeline_seconds: list[float] = []
+        self.model_seconds: list[float] = []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.ends.append(time.perf_counter())
+        self.steps += 1
+        if self.steps < self.warmup or (self.steps - self.warmup) % self.block:
+            return
+        synchronize(self.device)
+        now = time.perf_counter()
+        if self.block_start is not None:
+            self.pipeline_seconds.append(now - self.block_start)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(False)
+        for _ in range(self.block):
+            self.model_step()
+        synchronize(self.device)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        self.model_seconds.append(time.perf_counter() - now)
+        self.block_start = time.perf_counter()
+
+    def ratios(self) -> list[float]:
+        """(b)/(a) of each pipeline block against the model-only block right before it."""
+        return [model / pipeline for model, pipeline in zip(self.model_seconds, self.pipeline_seconds)]
 
 
-def fit_one_epoch(config: DictConfig, competition, images: pd.DataFrame, cache) -> tuple[StepClock, Any, Any]:
+def fit_one_epoch(config: DictConfig, competition, images: pd.DataFrame, cache,
+                  callbacks: tuple[Callback, ...] = ()) -> tuple[Any, Any]:
     """One epoch of the real pipeline over `images` in which every layer trains (as in (a)), without
-    validation; returns the step clock, the data module and the trained module."""
+    validation; returns the data module and the trained module."""
     data = fold_data(config, images, images.head(config.data.batch_size), cache)
     last = OmegaConf.to_container(config.finetune, resolve=True)["stages"][-1]
     stage = {**last, "train": "all", "epochs": 1}
     module = classifier_module(config, competition, stages=[stage])
-    clock = StepClock()
     with tempfile.TemporaryDirectory() as logs:
         trainer = L.Trainer(
             max_epochs=1, limit_val_batches=0, accelerator=config.trainer.accelerator, devices=1,
             precision=config.trainer.precision, deterministic=config.trainer.deterministic,
-            callbacks=[StagedFinetuning([stage], config.finetune.min_lr_ratio), LearningRateMonitor("step"), clock],
+            callbacks=[StagedFinetuning([stage], config.finetune.min_lr_ratio), LearningRateMonitor("step"),
+                       *callbacks],
             logger=CSVLogger(logs, name="bench", version=""), log_every_n_steps=10, enable_checkpointing=False,
             enable_model_summary=False, num_sanity_val_steps=0, enable_progress_bar=False,
         )
         trainer.fit(module, datamodule=data)
-    # Lightning's deterministic mode is process-wide; (a) measures the hardware without it
+    # Lightning's deterministic mode is process-wide; the model-only measurements run without it
     torch.use_deterministic_algorithms(False)
-    return clock, data, module
+    return data, module
 
 
-def _pipeline_rate(config: DictConfig, competition, train: pd.DataFrame, cache, steps: int) -> tuple[float, Any, Any]:
-    """Training images/s of the real pipeline over `steps` steady-state steps."""
+def _paired_rates(config: DictConfig, competition, train: pd.DataFrame, cache, limit: Variant, limit_rate: float,
+                  seconds: float) -> tuple[PairedModelOnly, Any, Any]:
+    """The pipeline for about `seconds`, in blocks alternating with model-only blocks of variant `limit`."""
+    from labelcomp.model import build_model
+
+    device = device_of(config.trainer.accelerator)
     batch = config.data.batch_size
-    repeats = math.ceil((steps + WARMUP_STEPS + 1) * batch / len(train))
-    clock, data, module = fit_one_epoch(config, competition, pd.concat([train] * repeats, ignore_index=True), cache)
-    ends = clock.ends[WARMUP_STEPS:]
-    return (len(ends) - 1) * batch / (ends[-1] - ends[0]), data, module
+    torch.manual_seed(0)
+    network = build_model(config.model, competition.num_classes, load_weights=False)
+    model_step = synthetic_step(network, limit, config.augment.image_size, batch, competition.num_classes, device)
+    block = max(1, round(BLOCK_SECONDS * limit_rate / batch))
+    steps = WARMUP_STEPS + block * max(3, round(seconds * limit_rate / batch / block)) + 1
+    repeats = math.ceil(steps * batch / len(train))
+    paired = PairedModelOnly(model_step, block, WARMUP_STEPS, device)
+    data, module = fit_one_epoch(config, competition, pd.concat([train] * repeats, ignore_index=True).head(steps * batch),
+                                 cache, callbacks=(paired,))
+    return paired, data, module
 
 
 def _loading_rate(data, steps: int) -> float:
     """Images/s of the training loader alone (decode or cache, augmentation, collation, normalization)."""
-    loader = iter(data.train_dataloader())
+    loader = (batch for _ in itertools.count() for batch in data.train_dataloader())  # epoch after epoch
     for _ in range(WARMUP_STEPS):
         next(loader)
     start, images = time.perf_counter(), 0
@@ -102,32 +141,31 @@ def run_bench(config: DictConfig, seconds: float = 3.0) -> str:
              f"({cores()} cores); pipeline: precision {config.trainer.precision}, channels_last "
              f"{config.trainer.channels_last}, num_workers {config.data.num_workers}"]
 
-    # this machine's speed drifts by 10% and more within seconds: every variant and (b) are measured in
-    # turn, round after round, the pipeline's own variant right before (b); (a) is the variant with the
-    # best median, not the luckiest measurement, and the ratio is the median of the rounds' ratios of
-    # (b) to (a) measured seconds apart, so the drift between rounds cancels out
+    # (a) is the fastest variant by its median over rounds in turn, whatever the pipeline chose
     chosen = Variant(config.trainer.precision, bool(config.trainer.channels_last))
-    limits: dict = {variant: [] for variant in candidates(device)}
-    pipelines = []
-    for _ in range(ROUNDS):
-        for variant, rates in measure_variants(config, classes, seconds, rounds=1, last=chosen).items():
-            limits[variant] += rates
-        steps = max(20, round(seconds * max(max(rates) for rates in limits.values()) / batch))
-        rate, data, module = _pipeline_rate(config, competition, train, cache, steps)
-        pipelines.append(rate)
+    limits = measure_variants(config, classes, seconds, rounds=ROUNDS, last=chosen)
     medians = {variant: float(np.median(rates)) for variant, rates in limits.items()}
     fastest = max(medians, key=medians.get)
-    limit, pipeline = medians[fastest], float(np.median(pipelines))
-    ratios = [rate / best for rate, best in zip(pipelines, limits[fastest])]
-    lines.append(f"(a) model-only training, synthetic tensors, images/s ({ROUNDS} rounds; median):")
+    lines.append(f"model-only training, synthetic tensors, images/s ({ROUNDS} rounds of {seconds:g} s in turn; median):")
     lines += [f"      {variant.precision:<11} {'channels_last' if variant.channels_last else 'contiguous':<14}"
-              f"{_rates(limits[variant]):<26}{medians[variant]:6.0f}" + ("  <- (a)" if variant == fastest else "")
+              f"{_rates(limits[variant]):<20}{medians[variant]:6.0f}" + ("  <- (a)" if variant == fastest else "")
               for variant in limits]
-    loading = _loading_rate(data, steps)
-    lines += [f"(b) pipeline training (all layers, steady state, no validation): {_rates(pipelines)}; "
-              f"median {pipeline:.0f} images/s; (b)/(a) by round: "
-              + " / ".join(f"{ratio:.2f}" for ratio in ratios),
-              f"(c) training loader alone: {loading:.0f} images/s"]
+
+    paired, data, module = _paired_rates(config, competition, train, cache, fastest, medians[fastest],
+                                         seconds * ROUNDS * 2)
+    images = paired.block * batch
+    limit = images / float(np.median(paired.model_seconds))
+    pipeline = images / float(np.median(paired.pipeline_seconds))
+    ratios = paired.ratios()
+    lines += [f"(a) and (b) in {len(ratios)} alternating pairs of {paired.block} step{'s' if paired.block > 1 else ''}"
+              f" each (medians):",
+              f"(a) model-only training ({fastest.precision}{', channels_last' if fastest.channels_last else ''}): "
+              f"{limit:.0f} images/s",
+              f"(b) pipeline training (all layers, steady state, no validation): {pipeline:.0f} images/s; (b)/(a) by "
+              f"pair: min {min(ratios):.2f}, quartiles {' / '.join(f'{q:.2f}' for q in np.quantile(ratios, [0.25, 0.5, 0.75]))}"
+              f", max {max(ratios):.2f}"]
+    loading = _loading_rate(data, max(20, round(seconds * limit / batch)))
+    lines.append(f"(c) training loader alone: {loading:.0f} images/s")
 
     sample = train.head(min(len(train), 512))
     for policy in ("none", "hflip", "d4"):
@@ -137,4 +175,3 @@ def run_bench(config: DictConfig, seconds: float = 3.0) -> str:
                      f"{rate:.0f} images/s ({rate * len(views):.0f} views/s)")
     lines.append(f"pipeline/model-only = {np.median(ratios):.2f}  loading/model-only = {loading / limit:.2f}")
     return "\n".join(lines)
-

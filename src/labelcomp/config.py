@@ -50,8 +50,8 @@ class AugmentConfig:
     image_size: int = 224
     mean: Optional[list[float]] = None  # None: from the backbone's pretrained config
     std: Optional[list[float]] = None
-    # Albumentations transforms by class name and arguments; ToTensorV2 is appended, and batches are
-    # normalized with mean/std on their device (data.normalize)
+    # Albumentations transforms by class name and arguments, on uint8 (H, W, C) images; batches are
+    # converted and normalized with mean/std on their device (data.normalize)
     train: list[dict[str, Any]] = field(
         default_factory=lambda: [
             {"name": "RandomResizedCrop", "size": ["${augment.image_size}", "${augment.image_size}"],

@@ -71,6 +71,7 @@ def predict_views(
         std=config.augment.std, predict=frame,
         eval_transform=build_transforms(config.augment, train=False), cache=cache,
         pin_memory=device_of(config.trainer.accelerator).type == "cuda",
+        channels_last=getattr(network, "memory_format", None) == torch.channels_last,
     )
     trainer = L.Trainer(
         accelerator=config.trainer.accelerator, devices=1, precision=config.trainer.precision, logger=False,

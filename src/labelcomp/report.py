@@ -105,7 +105,8 @@ def write_report(config: DictConfig, run_id: str | None = None) -> Path:
     for _, row in wrong.head(GRAD_CAM).iterrows():
         classifier = load_classifier(run.checkpoint(int(row["fold"]))).eval()
         picture = read_image(paths[row["id"]])
-        image = normalize(transform(image=picture)["image"][None], run_config.augment.mean, run_config.augment.std)
+        image = normalize(torch.from_numpy(transform(image=picture)["image"])[None], run_config.augment.mean,
+                          run_config.augment.std)
         cam = grad_cam(classifier, image[0], labels.index(row["predicted"]))
         if cam is not None:
             cams.append((row, picture, cam))

@@ -15,7 +15,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -58,17 +58,17 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def training_rate(
+def synthetic_step(
     network: torch.nn.Module, variant: Variant, image_size: int, batch_size: int, num_classes: int,
-    device: torch.device, seconds: float, warmup_steps: int = 3,
-) -> float:
-    """Training images per second of `network` (all parameters trained: forward, backward, AdamW
-    step) on synthetic tensors: the model-only limit of the hardware for this variant."""
+    device: torch.device,
+) -> Callable[[], None]:
+    """One training step of `network` (all parameters trained: forward, backward, AdamW step) on a fixed
+    synthetic batch, in `variant`'s precision and memory format: what the model alone costs."""
     memory_format = torch.channels_last if variant.channels_last else torch.contiguous_format
     network = network.to(device=device, memory_format=memory_format).train()
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
@@ -84,14 +84,24 @@ def training_rate(
         scaler.step(optimizer)
         scaler.update()
 
+    return step
+
+
+def training_rate(
+    network: torch.nn.Module, variant: Variant, image_size: int, batch_size: int, num_classes: int,
+    device: torch.device, seconds: float, warmup_steps: int = 3,
+) -> float:
+    """Training images per second of `network` on synthetic tensors (`synthetic_step`): the model-only
+    limit of the hardware for this variant."""
+    step = synthetic_step(network, variant, image_size, batch_size, num_classes, device)
     for _ in range(warmup_steps):
         step()
-    _synchronize(device)
+    synchronize(device)
     steps, start = 0, time.perf_counter()
     while steps < 3 or time.perf_counter() - start < seconds:
         step()
         steps += 1
-    _synchronize(device)
+    synchronize(device)
     return steps * batch_size / (time.perf_counter() - start)
 
 

@@ -156,6 +156,7 @@ def fold_data(config: DictConfig, train: pd.DataFrame, val: pd.DataFrame,
         train_transform=build_transforms(config.augment, train=True, seed=config.seed),
         eval_transform=build_transforms(config.augment, train=False), cache=cache,
         pin_memory=device_of(config.trainer.accelerator).type == "cuda",
+        channels_last=bool(config.trainer.channels_last),
     )
 
 
