@@ -13,7 +13,8 @@ def test_experiment_file_extends_its_base_and_overrides_win():
     assert config.experiment == "smoke"  # from smoke.yaml
     assert config.competition == "competition/demo"  # from default.yaml, which smoke.yaml extends
     assert config.cv.folds == 3 and config.model.name == "resnet18"  # overrides
-    assert config.augment.train[0]["size"] == [32, 32]  # interpolated from augment.image_size
+    crop = next(step for step in config.augment.train if step["name"] == "RandomResizedCrop")
+    assert crop["size"] == [32, 32]  # interpolated from augment.image_size
     assert [stage.train for stage in config.finetune.stages] == ["head", "all"]
 
 

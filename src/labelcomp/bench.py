@@ -152,7 +152,7 @@ def run_bench(config: DictConfig, seconds: float = 3.0) -> str:
               for variant in limits]
 
     paired, data, module = _paired_rates(config, competition, train, cache, fastest, medians[fastest],
-                                         seconds * ROUNDS * 2)
+                                         seconds * ROUNDS * 4)
     images = paired.block * batch
     limit = images / float(np.median(paired.model_seconds))
     pipeline = images / float(np.median(paired.pipeline_seconds))
