@@ -38,10 +38,11 @@ def _rates(values: list[float]) -> str:
 
 
 class PairedModelOnly(Callback):
-    """Every `block` pipeline training steps (after `warmup`), `block` model-only steps on synthetic tensors,
-    each block timed on its own. Measured in alternating blocks of about a tenth of a second (one step on
-    this CPU), (a) and (b) see the same machine: this one drifts by 10% and more within seconds, which measurements taken in turn put into
-    their ratio. Deterministic mode, which the pipeline may use, is off during the model-only blocks."""
+    """Every `block` pipeline training steps (after `warmup`), `block` model-only steps on synthetic
+    tensors, each block timed on its own. Measured in alternating blocks of about a tenth of a second
+    (one step on this CPU), (a) and (b) see the same machine: this one drifts by 10% and more within
+    seconds, which measurements taken in turn put into their ratio. Deterministic mode, which the
+    pipeline may use, is off during the model-only blocks."""
 
     def __init__(self, model_step: Callable[[], None], block: int, warmup: int, device: torch.device):
         self.model_step, self.block, self.warmup, self.device = model_step, block, warmup, device
