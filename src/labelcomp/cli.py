@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--run", help="run id to create or join: fold jobs in parallel share it")
             command.add_argument("--folds", help="only these folds, e.g. 0,1 (the rest by other jobs)")
         if name == "bench":
-            command.add_argument("--seconds", type=float, default=3.0, help="length of each timed measurement")
+            command.add_argument("--seconds", type=float, default=3.0,
+                                 help="length of each variant's timed measurement; the (a)/(b) pairs run 12 times as long")
         if name == "lr-find":
             command.add_argument("--stage", type=int, default=0, help="index of the finetune stage (default 0)")
     init = commands.add_parser("init", help="guess a competition.yaml for a downloaded competition folder")

@@ -105,16 +105,14 @@ def training_rate(
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def measure_variants(
-    config: DictConfig, num_classes: int, seconds: float, rounds: int = 3, last: Variant | None = None,
-) -> dict[Variant, list[float]]:
-    """Training images/s of every variant, `rounds` measurements of `seconds` each, taken in turn (the
-    machine's speed drifts between measurements; in turn the drift reaches every variant), `last` last."""
+def measure_variants(config: DictConfig, num_classes: int, seconds: float, rounds: int = 3) -> dict[Variant, list[float]]:
+    """Training images/s of every variant, `rounds` measurements of `seconds` each, taken in turn: the
+    machine's speed drifts between measurements, and in turn the drift reaches every variant."""
     from labelcomp.model import build_model
 
     device = device_of(config.trainer.accelerator)
     networks = {}
-    for variant in sorted(candidates(device), key=lambda variant: variant == last):
+    for variant in candidates(device):
         torch.manual_seed(0)
         networks[variant] = build_model(config.model, num_classes, load_weights=False)
     rates: dict[Variant, list[float]] = {variant: [] for variant in networks}
