@@ -7,7 +7,7 @@ ARGS ?=
 RUN ?=
 RUNS ?=
 
-.PHONY: train submit compare test bench finetune-study scaling-study quality-study ablation-study clean
+.PHONY: train submit compare test test-fast bench finetune-study scaling-study quality-study ablation-study clean
 
 # reinstalls whenever pyproject.toml (the dependencies) changes
 $(VENV)/.installed: pyproject.toml
@@ -27,6 +27,10 @@ compare: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
+
+# the edit loop: everything but the tests marked slow, still training a tiny real model end to end
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # benchmark, not a test: model-only vs pipeline vs loading vs inference speed, side by side
 bench: $(VENV)/.installed

@@ -10,8 +10,13 @@ import pytest
 import yaml
 
 from labelcomp.config import load_config
+from labelcomp.startup import configure
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    configure()  # the process settings the CLI makes at start
 DEMO = REPO / "competition" / "demo"
 
 
@@ -49,7 +54,7 @@ def tiny_overrides(tmp_path: Path, competition: Path) -> list[str]:
     """The smoke experiment shrunk to the tiny competition, writing only under tmp_path."""
     return [
         f"competition={competition}",
-        f"model.pretrained={DEMO / 'weights' / 'mobilenetv2_035_keras_imagenet_backbone.pth'}",
+        f"model.pretrained={REPO / 'weights' / 'mobilenetv2_035_keras_imagenet_backbone.pth'}",
         f"paths.runs={tmp_path / 'runs'}",
         f"paths.submissions={tmp_path / 'submissions'}",
         "augment.image_size=32",
@@ -58,6 +63,7 @@ def tiny_overrides(tmp_path: Path, competition: Path) -> list[str]:
         # fixed rather than measured (speed.py has its own tests): each test run would measure anew
         "trainer.precision=32-true",
         "trainer.channels_last=false",
+        "data.num_workers=0",
     ]
 
 

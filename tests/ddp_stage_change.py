@@ -31,7 +31,7 @@ if __name__ == "__main__":
     data = TensorDataset(torch.randn(16, 3, 32, 32, generator=generator), torch.randint(0, 3, (16,), generator=generator))
     trainer = L.Trainer(
         max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[StagedFinetuning(STAGES, 0.01)],
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[StagedFinetuning()],
     )
     trainer.fit(module, DataLoader(data, batch_size=4))
     torch.save({"initial": initial, "final": module.net.state_dict()}, f"{out}/rank{trainer.global_rank}.pt")

@@ -33,12 +33,12 @@ CASES = {
     "unknown model": (None, ["model.name=resnet9000", "model.pretrained=false"], "'resnet9000' is not a timm model"),
     "unknown augmentation": (None, ["augment.train=[{name: Sparkle}]"], "'Sparkle' is not an Albumentations transform"),
     "normalize in the transform list": (None, ["augment.train=[{name: Normalize}]"], "remove Normalize; labelcomp"),
-    "unknown tta": (None, ["tta=spin"], "tta policy 'spin' is unknown"),
-    "unknown tta in the scored list": (None, ["tta.policies=[hflip,spin]"], "tta policy 'spin' is unknown"),
-    "unknown tta merge": (None, ["tta.merge=median"], "tta.merge 'median' is unknown"),
-    "bad tta scales": (None, ["tta.scales=[1.0,-2]"], "tta.scales [1.0, -2.0]: expected positive"),
-    "bad tta crop": (None, ["tta.crop=1.5"], "tta.crop 1.5: expected a fraction"),
-    "unknown fold weights": (None, ["ensemble.fold_weights=best"], "ensemble.fold_weights 'best' is unknown"),
+    "unknown tta": (None, ["tta=spin"], "'tta.policy': Invalid value 'spin', expected one of [auto, none"),
+    "unknown tta in the scored list": (None, ["tta.policies=[hflip,spin]"], "'tta.policies[1]': Invalid value 'spin'"),
+    "unknown tta merge": (None, ["tta.merge=median"], "'tta.merge': Invalid value 'median', expected one of [mean, geometric]"),
+    "bad tta scales": (None, ["tta.scales=[1.0,-2]"], "'tta.scales': [1.0, -2.0]; expected positive"),
+    "bad tta crop": (None, ["tta.crop=1.5"], "'tta.crop': 1.5; expected a fraction"),
+    "unknown fold weights": (None, ["ensemble.fold_weights=best"], "'ensemble.fold_weights': Invalid value 'best', expected one of [equal, score]"),
     "more folds than images in a class": (None, ["cv.folds=11"], "fewer images than cv.folds=11"),
 }
 
@@ -65,6 +65,7 @@ def test_submit_without_a_finished_run_says_what_to_do(tmp_path, tiny_competitio
     assert "no finished run of experiment 'smoke'; train one first" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_prints_no_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "labelcomp.cli", "train", "--config", SMOKE, "competition=" + str(tmp_path)],
@@ -77,6 +78,7 @@ def test_console_script_prints_no_traceback(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_bad_image_is_one_stderr_line_from_the_real_process(tmp_path, tiny_competition):
     """In a real process the logging handlers and OpenCV's own messages would show."""
     image = tiny_competition / "train_images" / pd.read_csv(tiny_competition / "train.csv")["image_id"][3]
@@ -92,6 +94,7 @@ def test_bad_image_is_one_stderr_line_from_the_real_process(tmp_path, tiny_compe
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["train", "submit", "probe", "bench", "report", "lr-find"])
 def test_config_errors_answer_before_the_heavy_libraries_load(command):
     # torch and Lightning take seconds to import; a wrong path must not wait for them

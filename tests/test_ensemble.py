@@ -6,10 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from labelcomp.blend import fit_blend_weights
+from labelcomp.ensemble import fit_blend_weights
 from labelcomp.cli import main
 from labelcomp.metrics import METRICS
 from conftest import REPO, make_competition, tiny_overrides
+
+pytestmark = pytest.mark.slow  # the blends need two trained runs
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 ACCURACY = METRICS["accuracy"]

@@ -6,15 +6,14 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
-from omegaconf import OmegaConf
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from labelcomp.augment import build_transforms
-from labelcomp.data import ImageDataModule
 from labelcomp.errors import LabelcompError
-from labelcomp.finetune import StagePlan, StagedFinetuning, block_groups, check_stages
+from labelcomp.finetune import StagedFinetuning, block_groups
 from labelcomp.model import ClassifierModule
-from labelcomp.train import prepare
+from labelcomp.resolve import resolve_config
+from labelcomp.schedule import StagePlan, check_stages
+from labelcomp.train import build_datamodule, build_module, read_data
 from conftest import make_competition, tiny_config
 
 STAGES = [
@@ -72,23 +71,16 @@ def fitted(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("finetune")
     config = tiny_config(tmp_path, make_competition(tmp_path / "tiny"))
     config.merge_with({"finetune": {"stages": STAGES}})
-    competition, train, _, _, _ = prepare(config)
-    module = ClassifierModule(
-        model=OmegaConf.to_container(config.model), optim=OmegaConf.to_container(config.optim),
-        finetune=OmegaConf.to_container(config.finetune), num_classes=competition.num_classes,
-        metric="accuracy",
-    )
-    data = ImageDataModule(
-        batch_size=8, num_workers=0, mean=config.augment.mean, std=config.augment.std, train=train, val=train,
-        train_transform=build_transforms(config.augment, train=True),
-        eval_transform=build_transforms(config.augment, train=False),
-    )
+    images = read_data(config)
+    config = resolve_config(config, images.competition.num_classes)
+    module = build_module(config, images.competition)
+    data = build_datamodule(config, images.train, images.train, None)
     snapshots = Snapshots()
     lr_monitor = LearningRateMonitor(logging_interval="step")
     trainer = L.Trainer(
         max_epochs=3, accelerator="cpu", logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
-        callbacks=[StagedFinetuning(STAGES, 0.01), snapshots, lr_monitor],
+        callbacks=[StagedFinetuning(), snapshots, lr_monitor],
     )
     L.seed_everything(0)
     trainer.fit(module, datamodule=data)
@@ -192,6 +184,7 @@ def _random_loader():
     return DataLoader(data, batch_size=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_every_architecture_trains_through_head_top_and_all_stages(name):
     module = _tiny_module(name, THREE_STAGES)
@@ -199,7 +192,7 @@ def test_every_architecture_trains_through_head_top_and_all_stages(name):
     trainer = L.Trainer(
         max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_train_batches=1, limit_val_batches=1,
-        callbacks=[StagedFinetuning(THREE_STAGES, 0.01), recorder],
+        callbacks=[StagedFinetuning(), recorder],
     )
     trainer.fit(module, _random_loader(), _random_loader())
     (n, head_only, head_names), (_, top, top_names), (_, every, all_names) = recorder.per_epoch
@@ -220,7 +213,7 @@ def test_train_bn_trains_batchnorm_of_frozen_blocks_only():
     before = {name: tensor.clone() for name, tensor in module.net.state_dict().items()}
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[StagedFinetuning(stages, 0.01)])
+                        callbacks=[StagedFinetuning()])
     trainer.fit(module, _random_loader())
     after = module.net.state_dict()
     bn_names = {f"{name}.{suffix}" for name, m in module.net.named_modules() if isinstance(m, _BatchNorm)
@@ -238,7 +231,7 @@ def test_resumed_mid_stage_run_continues_with_the_right_stage_and_groups(tmp_pat
     def trainer(max_epochs, recorder):
         return L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[StagedFinetuning(stages, 0.01), recorder])
+                         callbacks=[StagedFinetuning(), recorder])
 
     L.seed_everything(0)
     straight, straight_groups = _tiny_module("resnet10t", stages), TrainedGroups()
@@ -266,7 +259,7 @@ def test_presets_cover_the_epochs_and_explicit_stages_win():
     from omegaconf import OmegaConf
 
     from labelcomp.config import FinetuneConfig
-    from labelcomp.finetune import preset_stages, resolve_stages
+    from labelcomp.schedule import preset_stages, resolve_stages
 
     for preset in ("head", "freeze_unfreeze", "gradual"):
         stages = preset_stages(preset, 7)
@@ -275,9 +268,29 @@ def test_presets_cover_the_epochs_and_explicit_stages_win():
     assert [stage["train"] for stage in preset_stages("gradual", 7)] == ["head", "top:2", "all"]
     explicit = OmegaConf.structured(FinetuneConfig(preset="gradual"))
     explicit.merge_with({"stages": [STAGES[1]]})
-    resolve_stages(explicit)
-    assert [stage.train for stage in explicit.stages] == ["all"]
+    assert [stage["train"] for stage in resolve_stages(explicit)] == ["all"]
     with pytest.raises(LabelcompError, match="finetune.epochs=2 is too few for the 'gradual' preset"):
         preset_stages("gradual", 2)
     with pytest.raises(LabelcompError, match="finetune.preset 'slow' is unknown"):
         preset_stages("slow", 6)
+
+
+@pytest.mark.parametrize("filter_bias_and_bn", [True, False])
+def test_biases_and_norm_weights_get_no_weight_decay_as_timm_does(filter_bias_and_bn):
+    stages = [{**THREE_STAGES[0]}, {**THREE_STAGES[2]}]
+    module = ClassifierModule(
+        model={"name": "mobilenetv2_035", "pretrained": False, "pretrained_cfg": {}, "kwargs": {}, "drop_rate": 0.0,
+               "zero_init_head": True},
+        optim={"name": "adamw", "weight_decay": 0.05, "label_smoothing": 0.0, "filter_bias_and_bn": filter_bias_and_bn},
+        finetune={"stages": stages, "min_lr_ratio": 0.01}, num_classes=3, metric="accuracy",
+    )
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_train_batches=1,
+                        callbacks=[StagedFinetuning()])
+    trainer.fit(module, _random_loader())
+    # after the unfreeze every parameter is in the optimizer, head and backbone groups alike
+    decay_of = {id(p): group["weight_decay"] for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert len(decay_of) == len(list(module.net.parameters()))
+    for name, parameter in module.net.named_parameters():
+        one_dimensional = parameter.ndim <= 1  # biases, BatchNorm weights
+        assert decay_of[id(parameter)] == (0.0 if filter_bias_and_bn and one_dimensional else 0.05), name

@@ -25,6 +25,7 @@ def _train_and_submit(tmp_path, root):
     return yaml.safe_load((root / "competition.yaml").read_text()), submission.read_bytes()
 
 
+@pytest.mark.slow
 def test_kaggle_layout_round_trip(tmp_path, capsys):
     root = make_kaggle(tmp_path / "download")
     spec, written = _train_and_submit(tmp_path, root)
@@ -38,6 +39,7 @@ def test_kaggle_layout_round_trip(tmp_path, capsys):
     assert written.endswith(b"\n") and b"\r" not in written
 
 
+@pytest.mark.slow
 def test_signate_layout_round_trip(tmp_path):
     root = make_signate(tmp_path / "download")
     spec, written = _train_and_submit(tmp_path, root)
@@ -51,6 +53,7 @@ def test_signate_layout_round_trip(tmp_path):
     assert all(row.split(b"\t")[1] in {b"0", b"1", b"2"} for row in rows[:-1])
 
 
+@pytest.mark.slow
 def test_folder_layout_round_trip(tmp_path):
     root = make_folders(tmp_path / "download")
     spec, written = _train_and_submit(tmp_path, root)
@@ -109,7 +112,7 @@ def test_init_recovers_the_demo_spec_and_keeps_an_existing_file(tmp_path, capsys
     from conftest import DEMO
 
     copy = tmp_path / "demo"
-    shutil.copytree(DEMO, copy, ignore=shutil.ignore_patterns("competition.yaml", "weights"))
+    shutil.copytree(DEMO, copy, ignore=shutil.ignore_patterns("competition.yaml"))
     assert main(["init", str(copy)]) == 0
     guessed, shipped = Competition.load(copy).spec, Competition.load(DEMO).spec
     assert replace(guessed, name="demo") == shipped

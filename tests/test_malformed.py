@@ -107,6 +107,11 @@ CASES = {
                                  "competition file not found"),
     "unknown key in competition.yaml": (lambda c: _spec(c, train__image_folder="x"), [], "competition.yaml",
                                         "unknown key 'train.image_folder'; known keys here: csv, sep"),
+    "unknown metric": (lambda c: (c / "competition.yaml").write_text(
+        (c / "competition.yaml").read_text().replace("metric: accuracy", "metric: auc")), [], "competition.yaml",
+        r"key 'metric': Invalid value 'auc', expected one of \[accuracy, macro_f1, logloss\]"),
+    "unknown label format": (lambda c: _spec(c, submission__label_format="ids"), [], "competition.yaml",
+                             r"key 'submission.label_format': Invalid value 'ids', expected one of \[name, index\]"),
 }
 
 
@@ -143,6 +148,7 @@ def test_check_counts_train_test_duplicates(tmp_path, capsys):
     assert "duplicates between train and test: 1 test images also in train" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_submit_refuses_a_sample_changed_after_training(tmp_path, capsys):
     competition = make_competition(tmp_path / "download", classes=2, train_per_class=4, test_images=4)
     overrides = tiny_overrides(tmp_path, competition)

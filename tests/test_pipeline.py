@@ -128,6 +128,7 @@ def test_history_row_has_the_contract_columns(trained):
     assert row["fold_1"] == pytest.approx(scores["folds"][1]["score"])
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_the_same_folds_and_scores(trained):
     assert main(["train", "--config", SMOKE, *trained["overrides"]]) == 0
     first, second = sorted((trained["tmp"] / "runs" / "smoke").iterdir())
@@ -137,6 +138,7 @@ def test_same_config_and_seed_give_the_same_folds_and_scores(trained):
     assert [row["loss"] for row in scores[0]["folds"]] == [row["loss"] for row in scores[1]["folds"]]
 
 
+@pytest.mark.slow
 def test_smoke_config_trains_the_full_demo_from_the_command_line(tmp_path):
     """`make train CONFIG=configs/smoke.yaml` as a reviewer runs it, with outputs redirected."""
     result = subprocess.run(
@@ -152,6 +154,7 @@ def test_smoke_config_trains_the_full_demo_from_the_command_line(tmp_path):
     assert scores["oof_score"] > 0.08
 
 
+@pytest.mark.slow
 def test_another_backbone_trains_through_overrides(tmp_path):
     """The README's example: another competition, another timm backbone, random init."""
     competition = make_competition(tmp_path / "other", classes=3, train_per_class=6, test_images=4)
@@ -183,6 +186,7 @@ def test_probe_scores_frozen_features_and_submits_like_a_run(tmp_path, capsys):
     assert submission["label"].isin(labels).all()
 
 
+@pytest.mark.slow
 def test_lr_find_saves_its_plot_and_prints_a_suggestion(tmp_path, capsys):
     competition = make_competition(tmp_path / "tiny")
     overrides = tiny_overrides(tmp_path, competition)

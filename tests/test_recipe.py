@@ -35,7 +35,7 @@ def _fit(module, callbacks=(), epochs=2, path=None):
     L.seed_everything(0)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[StagedFinetuning(STAGES, 0.01), *callbacks])
+                        callbacks=[StagedFinetuning(), *callbacks])
     trainer.fit(module, DataLoader(_batches(), batch_size=4), DataLoader(_batches(), batch_size=4))
     if path is not None:
         trainer.save_checkpoint(path)

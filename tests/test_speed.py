@@ -7,12 +7,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from labelcomp import speed
-from labelcomp import bench
+from labelcomp import bench, hardware, speed
 from labelcomp.bench import PairedModelOnly, run_bench
 from labelcomp.config import load_config
+from labelcomp.hardware import fastest_variant, loader_workers
 from labelcomp.model import ClassifierModule
-from labelcomp.speed import Variant, resolve_speed, resolve_workers, training_rate
+from labelcomp.speed import Variant, training_rate
 from conftest import REPO, tiny_config
 
 # three measurements per variant, as measure_variants takes them; the choice follows the medians
@@ -27,30 +27,25 @@ def _config(tmp_path, *overrides):
 def test_auto_picks_the_fastest_measured_variant_once_per_machine_and_config(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(speed, "measure_variants", lambda config, classes, seconds: calls.append(1) or RATES)
-    config = _config(tmp_path)
-    resolve_speed(config, 20)
-    assert (config.trainer.precision, config.trainer.channels_last) == ("32-true", True)
-    again = _config(tmp_path)
-    resolve_speed(again, 20)
-    assert (again.trainer.precision, again.trainer.channels_last) == ("32-true", True) and len(calls) == 1
+    assert fastest_variant(_config(tmp_path), 20) == ("32-true", True)
+    assert fastest_variant(_config(tmp_path), 20) == ("32-true", True) and len(calls) == 1
     cached = json.loads((tmp_path / "runs" / ".speed.json").read_text())
     assert len(cached) == 1 and len(next(iter(cached.values()))) == 4
+    # the key names the device and the library versions: another machine or release measures anew
+    key = next(iter(cached))
+    assert hardware.device_name(torch.device("cpu")) in key and f"torch {torch.__version__}" in key
     # another image size is another measurement
-    resolve_speed(_config(tmp_path, "augment.image_size=48"), 20)
+    fastest_variant(_config(tmp_path, "augment.image_size=48"), 20)
     assert len(calls) == 2
 
 
 def test_a_fixed_half_of_the_choice_is_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(speed, "measure_variants", lambda config, classes, seconds: RATES)
-    config = _config(tmp_path, "trainer.precision=bf16-mixed")
-    resolve_speed(config, 20)
-    assert (config.trainer.precision, config.trainer.channels_last) == ("bf16-mixed", False)
-    config = _config(tmp_path, "trainer.channels_last=false")
-    resolve_speed(config, 20)
-    assert (config.trainer.precision, config.trainer.channels_last) == ("bf16-mixed", False)
+    assert fastest_variant(_config(tmp_path, "trainer.precision=bf16-mixed"), 20) == ("bf16-mixed", False)
+    assert fastest_variant(_config(tmp_path, "trainer.channels_last=false"), 20) == ("bf16-mixed", False)
     fixed = _config(tmp_path, "trainer.precision=32-true", "trainer.channels_last=false")
     monkeypatch.setattr(speed, "measure_variants", lambda *args: pytest.fail("nothing to measure"))
-    resolve_speed(fixed, 20)
+    assert fastest_variant(fixed, 20) == ("32-true", False)
 
 
 def test_training_rate_measures_real_steps():
@@ -81,19 +76,16 @@ def test_channels_last_module_predicts_what_the_contiguous_one_does():
 @pytest.mark.parametrize("cores, accelerator, expected", [(2, "cpu", 0), (4, "cpu", 0), (16, "cpu", 4),
                                                           (16, "gpu", 8), (4, "gpu", 3)])
 def test_workers_follow_the_cores(monkeypatch, cores, accelerator, expected):
-    monkeypatch.setattr(speed, "cores", lambda: cores)
-    monkeypatch.setattr(speed, "device_of", lambda name: torch.device("cuda" if name == "gpu" else "cpu"))
-    config = load_config(None, [f"trainer.accelerator={accelerator}"])
-    resolve_workers(config)
-    assert config.data.num_workers == expected
-    config = load_config(None, ["data.num_workers=1"])
-    resolve_workers(config)
-    assert config.data.num_workers == 1
+    monkeypatch.setattr(hardware, "cores", lambda: cores)
+    monkeypatch.setattr(hardware, "device_of", lambda name: torch.device("cuda" if name == "gpu" else "cpu"))
+    assert loader_workers(load_config(None, [f"trainer.accelerator={accelerator}"])) == expected
+    assert loader_workers(load_config(None, ["data.num_workers=1"])) == 1
 
 
+@pytest.mark.slow
 def test_bench_prints_every_measurement_and_the_ratio_line(tmp_path, tiny_competition):
     config = tiny_config(tmp_path, tiny_competition)
-    config.trainer.precision = config.trainer.channels_last = "auto"
+    config.trainer.precision = config.trainer.channels_last = config.data.num_workers = "auto"
     report = run_bench(config, seconds=0.05)
     lines = report.splitlines()
     assert sum("channels_last" in line or "contiguous" in line for line in lines[2:6]) == 4
@@ -128,15 +120,3 @@ def test_paired_bench_times_alternating_blocks_after_the_warmup(monkeypatch):
     # the pipeline blocks between them: steps 4-5, 6-7 (one slow step), 8-9; not the warmup
     assert paired.pipeline_seconds == [2.0, 3.0, 2.0]
     assert paired.ratios() == [3.0, 2.0, 3.0]
-
-
-def test_deterministic_training_does_not_fill_new_tensors_with_nan():
-    # the NaN fill made every training step 14% slower and reproducibility does not need it
-    import labelcomp.train  # noqa: F401  (the setting comes with the training code)
-
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        assert torch.are_deterministic_algorithms_enabled()
-        assert not torch.utils.deterministic.fill_uninitialized_memory
-    finally:
-        torch.use_deterministic_algorithms(False)

@@ -7,9 +7,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from labelcomp import data as data_module
-from labelcomp.augment import merge_views, policy_views, scored_views, view_transforms
 from labelcomp.config import load_config
-from labelcomp.predict import ViewPredictor, fold_weights, predict_views
+from labelcomp.ensemble import fold_weights
+from labelcomp.predict import ViewPredictor, predict_views
+from labelcomp.tta import merge_views, policy_views, scored_views, view_transforms
 from conftest import REPO, tiny_config
 
 TTA = load_config(REPO / "configs" / "smoke.yaml").tta
@@ -106,10 +107,10 @@ def test_merge_modes_match_hand_computed_values():
     np.testing.assert_allclose(merge_views(outputs, "mean"), [[0.375, 0.625]])
     geometric = np.array([np.sqrt(0.25 * 0.5), np.sqrt(0.75 * 0.5)])
     np.testing.assert_allclose(merge_views(outputs, "geometric"), [geometric / geometric.sum()])
-    # mean logits (0, ln 3 / 2): softmax gives 1 : sqrt(3)
-    np.testing.assert_allclose(merge_views(outputs, "logits"), [[1 / (1 + np.sqrt(3)), np.sqrt(3) / (1 + np.sqrt(3))]])
+    # which for a softmax model is the softmax of the mean logits (0, ln 3 / 2): 1 : sqrt(3)
+    np.testing.assert_allclose(merge_views(outputs, "geometric"), [[1 / (1 + np.sqrt(3)), np.sqrt(3) / (1 + np.sqrt(3))]])
     # one view: every mode is that view's softmax
-    for mode in ("mean", "geometric", "logits"):
+    for mode in ("mean", "geometric"):
         np.testing.assert_allclose(merge_views(outputs[:1], mode), [[0.25, 0.75]])
 
 
@@ -159,8 +160,5 @@ def test_fold_weights_follow_fold_scores():
     np.testing.assert_allclose(fold_weights([1.0, 0.5], "score", "min"), [1 / 3, 2 / 3])
 
 
-def test_configs_saved_before_tta_had_a_section_still_load(tmp_path):
-    path = tmp_path / "config.yaml"
-    path.write_text("tta: none\n")
-    assert load_config(path).tta.policy == "none"
+def test_tta_shorthand_names_the_policy():
     assert load_config(None, ["tta=d4"]).tta.policy == "d4"

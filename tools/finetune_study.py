@@ -1,7 +1,7 @@
 """Benchmark (not a test): staged fine-tuning recipes against each other and the frozen-feature probe.
 
 On real CIFAR-100 coarse images from ../shared/data/cifar100_coarse with the real pretrained
-MobileNetV2-0.35 of ../shared/weights (through the identical copy in competition/demo/weights, which
+MobileNetV2-0.35 of ../shared/weights (through the identical copy in weights/, which
 carries the card with its timm arguments), every recipe trains the same folds for the same total
 epochs; prints CV scores and wall times. Skips cleanly where ../shared is absent.
 """
@@ -34,7 +34,7 @@ def main() -> int:
     build_competition(competition, args.per_class, seed=0)
     common = [
         f"competition={competition}", f"paths.runs={work / 'runs'}", f"paths.submissions={work / 'submissions'}",
-        f"model.pretrained={REPO / 'competition/demo/weights/mobilenetv2_035_keras_imagenet_backbone.pth'}",
+        f"model.pretrained={REPO / 'weights/mobilenetv2_035_keras_imagenet_backbone.pth'}",
         f"cv.folds={args.folds}", f"augment.image_size={args.image_size}", f"finetune.epochs={args.epochs}",
         "trainer.progress_bar=false", "trainer.early_stopping_patience=100",
     ]

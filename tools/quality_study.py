@@ -44,7 +44,8 @@ def main() -> int:
             source = REPO / "configs" / f"{'default' if recipe == 'probe' else recipe}.yaml"
         overrides = [f"competition={work / 'competition'}", f"paths.runs={work / 'runs'}",
                      f"paths.submissions={work / 'submissions'}", f"experiment=study-{recipe}",
-                     "trainer.progress_bar=false", *args.set]
+                     # the images are small: decoded once, kept in memory (the recipes' figures were measured so)
+                     "data.cache_images=true", "trainer.progress_bar=false", *args.set]
         if recipe == "probe":
             overrides.append("augment.image_size=128")
         config = load_config(source, overrides)

@@ -13,7 +13,8 @@ import pandas as pd
 
 from labelcomp.bench import fit_one_epoch
 from labelcomp.config import load_config
-from labelcomp.train import prepare
+from labelcomp.resolve import resolve_config
+from labelcomp.train import read_data
 from study_data import REPO, build_competition, study_folder
 
 SIZES = (32, 64, 128)
@@ -32,12 +33,13 @@ def main() -> int:
             f"competition={competition}", f"paths.runs={work / 'runs'}", f"augment.image_size={size}",
             "trainer.progress_bar=false",
         ])
-        prepared = prepare(config)
+        data = read_data(config)
+        config = resolve_config(config, data.competition.num_classes)
         row = {"px": size, "precision": f"{config.trainer.precision}{' cl' if config.trainer.channels_last else ''}"}
         for count in IMAGES:
-            images = prepared.train.groupby("label").head(count // 20)
+            images = data.train.groupby("label").head(count // 20)
             start = time.perf_counter()
-            fit_one_epoch(config, prepared.competition, images, prepared.cache)
+            fit_one_epoch(config, data.competition, images, data.cache)
             seconds = time.perf_counter() - start
             row[f"{count // 1000}k images s/epoch"] = f"{seconds:.1f}"
             row[f"{count // 1000}k images/s"] = f"{len(images) / seconds:.0f}"

@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from labelcomp.startup import configure
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DATA = SHARED / "data" / "cifar100_coarse"
@@ -21,6 +23,7 @@ def study_folder(name: str) -> Path | None:
         print(f"{name} skipped: {DATA} or {WEIGHTS} not found")
         return None
     logging.basicConfig(level=logging.WARNING)
+    configure()
     for logger in ("lightning.pytorch", "lightning.fabric"):  # per-fold hardware notices
         logging.getLogger(logger).setLevel(logging.WARNING)
     return Path(tempfile.mkdtemp(prefix=f"{name}-"))

@@ -22,11 +22,13 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from labelcomp.augment import policy_views
 from labelcomp.finetune import StagedFinetuning
+from labelcomp.hardware import cores, device_name, device_of
 from labelcomp.predict import predict_views
-from labelcomp.speed import Variant, cores, device_name, device_of, measure_variants, synchronize, synthetic_step
-from labelcomp.train import classifier_module, fold_data, prepare
+from labelcomp.resolve import resolve_config
+from labelcomp.speed import Variant, measure_variants, synchronize, synthetic_step
+from labelcomp.train import build_datamodule, build_module, read_data
+from labelcomp.tta import policy_views
 
 WARMUP_STEPS = 5
 ROUNDS = 3  # of every variant in turn, for the table and to find the fastest
@@ -76,18 +78,16 @@ class PairedModelOnly(Callback):
 
 def fit_one_epoch(config: DictConfig, competition, images: pd.DataFrame, cache,
                   callbacks: tuple[Callback, ...] = ()) -> tuple[Any, Any]:
-    """One epoch of the real pipeline over `images` in which every layer trains (as in (a)), without
-    validation; returns the data module and the trained module."""
-    data = fold_data(config, images, images.head(config.data.batch_size), cache)
-    last = OmegaConf.to_container(config.finetune, resolve=True)["stages"][-1]
-    stage = {**last, "train": "all", "epochs": 1}
-    module = classifier_module(config, competition, stages=[stage])
+    """One epoch of the real pipeline (a resolved config) over `images` in which every layer trains (as
+    in (a)), without validation; returns the data module and the trained module."""
+    data = build_datamodule(config, images, images.head(config.data.batch_size), cache)
+    stage = {**OmegaConf.to_container(config.finetune.stages[-1]), "train": "all", "epochs": 1}
+    module = build_module(config, competition, stages=[stage])
     with tempfile.TemporaryDirectory() as logs:
         trainer = L.Trainer(
             max_epochs=1, limit_val_batches=0, accelerator=config.trainer.accelerator, devices=1,
             precision=config.trainer.precision, deterministic=config.trainer.deterministic,
-            callbacks=[StagedFinetuning([stage], config.finetune.min_lr_ratio), LearningRateMonitor("step"),
-                       *callbacks],
+            callbacks=[StagedFinetuning(), LearningRateMonitor("step"), *callbacks],
             logger=CSVLogger(logs, name="bench", version=""), log_every_n_steps=10, enable_checkpointing=False,
             enable_model_summary=False, num_sanity_val_steps=0, enable_progress_bar=False,
         )
@@ -134,8 +134,9 @@ def _inference_rate(module, frame: pd.DataFrame, config: DictConfig, views: list
 
 
 def run_bench(config: DictConfig, seconds: float = 3.0) -> str:
-    config.trainer.progress_bar = False
-    competition, train, _, _, cache = prepare(config)
+    data = read_data(config)
+    competition, train, cache = data.competition, data.train, data.cache
+    config = resolve_config(OmegaConf.merge(config, {"trainer": {"progress_bar": False}}), competition.num_classes)
     device = device_of(config.trainer.accelerator)
     classes, size, batch = competition.num_classes, config.augment.image_size, config.data.batch_size
     lines = [f"{config.model.name} @ {size} px, batch {batch}, {len(train)} images, on {device_name(device)} "

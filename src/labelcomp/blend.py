@@ -10,74 +10,22 @@ import json
 import logging
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
-from scipy.optimize import minimize
-from scipy.special import softmax
 
 from labelcomp import history
 from labelcomp.competition import Competition
 from labelcomp.config import load_config
 from labelcomp.errors import LabelcompError
+from labelcomp.ensemble import cross_fitted_score, fit_blend_weights
 from labelcomp.metrics import METRICS, Metric, multiclass_log_loss
-from labelcomp.predict import check_ensemble
-from labelcomp.runs import RunDir, find_run, write_text_atomic
+from labelcomp.runs import RunDir, claim_name, find_run, write_text_atomic
 from labelcomp.submit import predict_run_test, test_proba_path, write_submission, write_test_proba
 
 _logger = logging.getLogger(__name__)
-
-
-def fit_blend_weights(oof: np.ndarray, target: np.ndarray, metric: Metric, objective: str) -> np.ndarray:
-    """Non-negative weights summing to one for the runs' OOF probabilities (runs, images, classes):
-    the blend's log-loss minimised by scipy's SLSQP on the simplex; with objective `metric` the weights
-    are then refined by Powell's method on the competition metric, kept only where that improves it."""
-    runs = len(oof)
-    if runs == 1:
-        return np.ones(1)
-
-    def blended(weights: np.ndarray) -> np.ndarray:
-        return np.tensordot(weights, oof, axes=1)
-
-    fitted = minimize(
-        lambda weights: multiclass_log_loss(target, blended(weights)), np.full(runs, 1 / runs), method="SLSQP",
-        bounds=[(0.0, 1.0)] * runs, constraints=({"type": "eq", "fun": lambda weights: weights.sum() - 1},),
-    )
-    weights = np.clip(fitted.x, 0, None)
-    weights = weights / weights.sum()
-    if objective == "metric" and metric.name != "logloss":
-        sign = -1.0 if metric.mode == "max" else 1.0
-
-        def loss(logits: np.ndarray) -> float:
-            return sign * metric.score(target, blended(softmax(logits)))
-
-        start = np.log(np.maximum(weights, 1e-6))
-        refined = minimize(loss, start, method="Powell")
-        if loss(refined.x) < loss(start):
-            weights = softmax(refined.x)
-    return weights
-
-
-def cross_fitted_score(oof: np.ndarray, target: np.ndarray, parts: np.ndarray, metric: Metric, objective: str) -> float:
-    """The blend's score where each part's rows are blended with weights fitted on the other parts:
-    an estimate of the blend that does not reuse the rows its weights were fitted on."""
-    proba = np.zeros(oof.shape[1:])
-    for part in np.unique(parts):
-        held_out = parts == part
-        weights = fit_blend_weights(oof[:, ~held_out], target[~held_out], metric, objective)
-        proba[held_out] = np.tensordot(weights, oof[:, held_out], axes=1)
-    return metric.score(target, proba)
-
-
-class BlendInput(NamedTuple):
-    runs: list[RunDir]
-    backbones: list[str]
-    oof: np.ndarray  # (runs, images, classes): each run's OOF probabilities with its TTA policy
-    target: np.ndarray  # class index of each OOF image
-    folds: np.ndarray  # the first run's fold of each OOF image
-    same_folds: bool  # every run split the images the same way
 
 
 def _read_oof(runs: list[RunDir], competition: Competition) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
@@ -120,7 +68,6 @@ def blend(config: DictConfig, run_ids: list[str]) -> tuple[Path, str]:
     run_configs = [load_config(run.config) for run in runs]
     competition = Competition.load(run_configs[0].competition)
     metric = METRICS[competition.spec.metric]
-    check_ensemble(config.ensemble)
     objective = config.ensemble.blend_objective
     oof, target, folds, same_folds = _read_oof(runs, competition)
 
@@ -138,48 +85,23 @@ def blend(config: DictConfig, run_ids: list[str]) -> tuple[Path, str]:
     submissions = Path(config.paths.submissions)
     test_proba = sum(weight * _test_proba(run, run_config, test, submissions, competition.labels)
                      for weight, run, run_config in zip(weights, runs, run_configs))
-    blend_id = _new_blend_id(submissions)
+    submissions.mkdir(parents=True, exist_ok=True)
+    # the details file is created exclusively to claim the name; written in full below
+    blend_id = claim_name("blend", lambda name: (submissions / f"{name}.json").open("x").close())
     details = {"blend_id": blend_id, "metric": metric.name, "objective": objective,
                "weights": {run.run_id: float(weight) for run, weight in zip(runs, weights)}, "oof_scores": scores}
     write_text_atomic(submissions / f"{blend_id}.json", json.dumps(details, indent=2) + "\n")
-    history.record_run(history.history_path(submissions),
-                       _history_row(blend_id, run_configs, metric, weights, runs, scores, target, blended_oof,
-                                    folds if same_folds else None))
+    # fold scores only where every run used the same folds
+    fold_scores = ([metric.score(target[folds == fold], blended_oof[folds == fold]) for fold in np.unique(folds)]
+                   if same_folds else None)
+    history.record_run(history.history_path(submissions), history.run_row(
+        blend_id, experiment="blend",
+        backbone="+".join(dict.fromkeys(str(run_config.model.name) for run_config in run_configs)),
+        metric=metric.name, created_at=datetime.now().isoformat(timespec="seconds"), fold_scores=fold_scores,
+        oof_score=scores["blend"], oof_tta_score=scores["blend"],
+        notes=" + ".join(f"{run.run_id} x {weight:.3f}" for run, weight in zip(runs, weights))))
     path = write_submission(competition, blend_id, test["id"], test_proba, submissions)
     return path, _summary(metric, runs, weights, scores)
-
-
-def _new_blend_id(submissions: Path) -> str:
-    """`blend-<local time>`, with a suffix when a blend of the same second exists; the name is taken
-    by creating its details file exclusively, so parallel blends cannot share it."""
-    stamp = f"blend-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    submissions.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1000):
-        blend_id = stamp + (f"-{attempt}" if attempt else "")
-        try:
-            (submissions / f"{blend_id}.json").open("x").close()
-        except FileExistsError:
-            continue
-        return blend_id
-    raise LabelcompError(f"{submissions}: could not name a new blend")
-
-
-def _history_row(blend_id: str, run_configs: list[DictConfig], metric: Metric, weights: np.ndarray,
-                 runs: list[RunDir], scores: dict[str, Any], target: np.ndarray, proba: np.ndarray,
-                 folds: np.ndarray | None) -> dict[str, Any]:
-    """The blend's history row; fold scores only where every run used the same folds."""
-    row: dict[str, Any] = {
-        "run_id": blend_id, "created_at": datetime.now().isoformat(timespec="seconds"), "experiment": "blend",
-        "backbone": "+".join(dict.fromkeys(str(run_config.model.name) for run_config in run_configs)),
-        "metric": metric.name, "oof_score": scores["blend"], "oof_tta_score": scores["blend"],
-        "notes": " + ".join(f"{run.run_id} x {weight:.3f}" for run, weight in zip(runs, weights)),
-    }
-    if folds is not None:
-        fold_scores = [metric.score(target[folds == fold], proba[folds == fold]) for fold in np.unique(folds)]
-        row.update({f"fold_{fold}": score for fold, score in enumerate(fold_scores)})
-        row.update({"n_folds": len(fold_scores), "cv_mean": float(np.mean(fold_scores)),
-                    "cv_std": float(np.std(fold_scores, ddof=1)) if len(fold_scores) > 1 else 0.0})
-    return row
 
 
 def _summary(metric: Metric, runs: list[RunDir], weights: np.ndarray, scores: dict[str, Any]) -> str:

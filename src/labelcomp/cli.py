@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "train":
             command.add_argument("--resume", metavar="RUN", help="continue an interrupted run with its saved config")
             command.add_argument("--run", help="run id to create or join: fold jobs in parallel share it")
-            command.add_argument("--folds", help="only these folds, e.g. 0,1 (the rest by other jobs)")
+            command.add_argument("--folds", help="only these folds, e.g. 0,1 (the rest by other jobs), or array: "
+                                                  "the fold of a SLURM array task (SLURM_ARRAY_TASK_ID)")
         if name == "bench":
             command.add_argument("--seconds", type=float, default=3.0,
                                  help="length of each variant's timed measurement; the (a)/(b) pairs run 12 times as long")
@@ -62,23 +63,48 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config(args: argparse.Namespace):
+    """The command's config; once it has loaded (errors in it answer before torch and Lightning load),
+    the process is configured for labelcomp's work."""
+    from labelcomp.config import load_config
+    from labelcomp.startup import configure
+
+    config = load_config(args.config, args.overrides)
+    configure()
+    return config
+
+
+def _folds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    if text == "array":
+        from labelcomp.ranks import array_fold
+
+        return [array_fold()]
+    try:
+        return [int(fold) for fold in text.split(",")]
+    except ValueError:
+        raise LabelcompError(f"--folds {text!r}: expected fold numbers separated by commas, e.g. 0,1, "
+                             "or array (the fold of a SLURM array task)") from None
+
+
 def _train(args: argparse.Namespace) -> None:
     from labelcomp.config import load_config
     from labelcomp.runs import find_run
 
-    config = load_config(args.config, args.overrides)
+    folds = _folds(args.folds)
+    config = _config(args)
     run_id = args.run
     if args.resume:
         resumed = find_run(config.paths.runs, config.experiment, args.resume, finished=False)
         config, run_id = load_config(resumed.config, args.overrides), resumed.run_id
-    try:
-        folds = [int(fold) for fold in args.folds.split(",")] if args.folds else None
-    except ValueError:
-        raise LabelcompError(f"--folds {args.folds!r}: expected fold numbers separated by commas, e.g. 0,1") from None
     from labelcomp.history import fold_table
+    from labelcomp.ranks import is_global_zero
     from labelcomp.train import run
 
     run_dir, scores = run(config, run_id, folds)
+    if not is_global_zero():
+        return  # the job's rank 0 reports
     if scores is None:
         print(f"folds {args.folds} of run {run_dir.run_id} done; scores come when every fold is")
     else:
@@ -86,9 +112,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _probe(args: argparse.Namespace) -> None:
-    from labelcomp.config import load_config
-
-    config = load_config(args.config, args.overrides)
+    config = _config(args)
     from labelcomp.history import fold_table
     from labelcomp.probe import run_probe
 
@@ -97,9 +121,7 @@ def _probe(args: argparse.Namespace) -> None:
 
 
 def _lr_find(args: argparse.Namespace) -> None:
-    from labelcomp.config import load_config
-
-    config = load_config(args.config, args.overrides)
+    config = _config(args)
     from labelcomp.lr_find import find_lr
 
     suggestion, plot = find_lr(config, args.stage)
@@ -108,29 +130,23 @@ def _lr_find(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from labelcomp.config import load_config
-
-    config = load_config(args.config, args.overrides)
+    config = _config(args)
     from labelcomp.report import write_report
 
     print(f"report written: {write_report(config, args.run)}")
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from labelcomp.config import load_config
-
-    config = load_config(args.config, args.overrides)
+    config = _config(args)
     from labelcomp.bench import run_bench
 
     print(run_bench(config, args.seconds))
 
 
 def _submit(args: argparse.Namespace) -> None:
-    from labelcomp.config import load_config
-
     if args.runs and args.run:
         raise LabelcompError("give either --run (one run) or --runs (a blend), not both")
-    config = load_config(args.config, args.overrides)
+    config = _config(args)
     if args.runs:
         from labelcomp.blend import blend
 
@@ -175,6 +191,9 @@ def _record(args: argparse.Namespace) -> None:
 
 def _init(args: argparse.Namespace) -> None:
     from labelcomp.discover import discover, write_spec
+    from labelcomp.startup import configure
+
+    configure()
 
     spec, notes = discover(args.folder)
     path = write_spec(args.folder, spec, force=args.force)
@@ -184,6 +203,9 @@ def _init(args: argparse.Namespace) -> None:
 
 def _check(args: argparse.Namespace) -> int:
     from labelcomp.check import check_competition
+    from labelcomp.startup import configure
+
+    configure()
 
     report = check_competition(args.folder)
     print(report.text())
@@ -198,10 +220,6 @@ COMMANDS = {"train": _train, "submit": _submit, "compare": _compare, "probe": _p
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # Lightning's hardware and seed notices and timm's weight-loading notices repeat for every fold;
-    # warnings still show
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed", "timm"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args) or 0
     except LabelcompError as error:

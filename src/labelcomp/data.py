@@ -17,11 +17,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from labelcomp.errors import LabelcompError
 
-# a process decodes with one thread: the cores are busy with the model
-cv2.setNumThreads(1)
-# an undecodable file becomes one clear LabelcompError; OpenCV's own stderr line would only add noise
-cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-
 
 def read_image(path: str) -> np.ndarray:
     """RGB uint8 array of shape (H, W, 3), the same for train and test whatever the file holds:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from filelock import FileLock
 
@@ -50,6 +51,24 @@ def _upsert(path: Path, run_id: str, fields: dict[str, Any]) -> None:
             frame = pd.concat([frame.astype(object), pd.DataFrame([row]).astype(object)], ignore_index=True)
         columns = LEAD_COLUMNS + _fold_columns(frame.columns) + TRAIL_COLUMNS
         write_csv_atomic(frame.reindex(columns=columns), path)
+
+
+def run_row(
+    run_id: str, experiment: str, backbone: str, metric: str, created_at: str, fold_scores: list[float] | None,
+    oof_score: float, oof_tta_score: float, notes: str | None = None,
+) -> dict[str, Any]:
+    """A run's history row (a training run, a probe or a blend); fold columns, CV mean and std where
+    it has fold scores."""
+    row: dict[str, Any] = {"run_id": run_id, "created_at": created_at, "experiment": experiment,
+                           "backbone": backbone, "metric": metric, "oof_score": oof_score,
+                           "oof_tta_score": oof_tta_score}
+    if fold_scores:
+        row.update({f"fold_{fold}": score for fold, score in enumerate(fold_scores)})
+        row.update({"n_folds": len(fold_scores), "cv_mean": float(np.mean(fold_scores)),
+                    "cv_std": float(np.std(fold_scores, ddof=1)) if len(fold_scores) > 1 else 0.0})
+    if notes is not None:
+        row["notes"] = notes
+    return row
 
 
 def record_run(path: Path, row: dict[str, Any]) -> None:
@@ -167,16 +186,14 @@ def compare_runs(frame: pd.DataFrame, first: str, second: str) -> str:
 
 def plot_history(frame: pd.DataFrame, path: Path) -> Path:
     """Score progression over time: CV mean with each run's fold spread, and leaderboard scores."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     if frame.empty:
         raise LabelcompError("no runs recorded yet; train one with `make train`")
     frame = frame.sort_values("created_at", kind="stable").reset_index(drop=True)
     folds = _fold_columns(frame.columns)
-    figure, axis = plt.subplots(figsize=(max(6, 0.9 * len(frame) + 3), 4.5))
+    figure = Figure(figsize=(max(6, 0.9 * len(frame) + 3), 4.5))
+    axis = figure.subplots()
     order = range(len(frame))
     for position, row in frame.iterrows():
         scores = row[folds].dropna().astype(float)

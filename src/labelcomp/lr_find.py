@@ -13,44 +13,42 @@ import math
 from pathlib import Path
 
 import lightning as L
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers and CI
-
 from lightning.pytorch.tuner import Tuner
 from omegaconf import DictConfig, OmegaConf
 
 from labelcomp.config import save_config
 from labelcomp.errors import LabelcompError
 from labelcomp.finetune import StagedFinetuning
+from labelcomp.resolve import resolve_config
 from labelcomp.runs import new_run, write_figure_atomic, write_text_atomic
-from labelcomp.train import classifier_module, fold_data, prepare
+from labelcomp.train import build_datamodule, build_module, read_data, split_folds
 
 _logger = logging.getLogger(__name__)
 
 
 def find_lr(config: DictConfig, stage_index: int = 0, num_training: int = 100) -> tuple[float | None, Path]:
     """The suggested lr for stage `stage_index` (None when the curve gives none) and the plot's path."""
-    competition, train, _, folds, cache = prepare(config)
-    finetune = OmegaConf.to_container(config.finetune, resolve=True)
-    if not 0 <= stage_index < len(finetune["stages"]):
-        raise LabelcompError(f"--stage {stage_index}: the config has stages 0 to {len(finetune['stages']) - 1}")
-    stage = finetune["stages"][stage_index]
-    held_out = folds["fold"].to_numpy() == 0
-    data = fold_data(config, train[~held_out], train[held_out], cache)
-    module = classifier_module(config, competition, stages=[stage])
+    data = read_data(config)
+    config = resolve_config(config, data.competition.num_classes)
+    stages = OmegaConf.to_container(config.finetune.stages, resolve=True)
+    if not 0 <= stage_index < len(stages):
+        raise LabelcompError(f"--stage {stage_index}: the config has stages 0 to {len(stages) - 1}")
+    stage = stages[stage_index]
+    held_out = split_folds(config, data)["fold"].to_numpy() == 0
+    loaders = build_datamodule(config, data.train[~held_out], data.train[held_out], data.cache)
+    module = build_module(config, data.competition, stages=[stage])
     run_dir = new_run(config.paths.runs, f"{config.experiment}-lr-find")
     save_config(config, run_dir.config)
     trainer = L.Trainer(
         # enough epochs for the range test's `num_training` steps (one epoch may be shorter)
-        max_epochs=math.ceil(num_training / len(data.train_dataloader())) + 1,
+        max_epochs=math.ceil(num_training / len(loaders.train_dataloader())) + 1,
         accelerator=config.trainer.accelerator, devices=1,
         precision=config.trainer.precision, logger=False, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=config.trainer.progress_bar,
-        default_root_dir=run_dir.root, callbacks=[StagedFinetuning([stage], finetune["min_lr_ratio"])],
+        default_root_dir=run_dir.root, callbacks=[StagedFinetuning()],
     )
     L.seed_everything(config.seed)
-    finder = Tuner(trainer).lr_find(module, datamodule=data, num_training=num_training, update_attr=False)
+    finder = Tuner(trainer).lr_find(module, datamodule=loaders, num_training=num_training, update_attr=False)
     suggestion = finder.suggestion()
     plot = run_dir.root / f"lr_find_stage{stage_index}.png"
     figure = finder.plot(suggest=suggestion is not None)

@@ -1,4 +1,5 @@
-"""The LightningModule over a timm backbone: loss, torchmetrics metric, optimizer and staged lr schedule.
+"""The LightningModule over a timm backbone: loss, torchmetrics metric, and the optimizer with the
+fit's `StagePlan` (schedule.py).
 
 It optimizes whatever is trainable; freezing and unfreezing belong to the finetune callback.
 """
@@ -21,11 +22,11 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.optim.lr_scheduler import LRScheduler
 
 from labelcomp.errors import LabelcompError
-from labelcomp.finetune import BACKBONE, HEAD, StagePlan, block_groups, plan_for
+from labelcomp.finetune import block_groups
 from labelcomp.metrics import METRICS
+from labelcomp.schedule import BACKBONE, HEAD, StagedLR, StagePlan, no_decay_parameters, param_groups
 
 _logger = logging.getLogger(__name__)
 
@@ -107,33 +108,6 @@ def build_model(model: DictConfig, num_classes: int, load_weights: bool = True) 
     return net
 
 
-def resolve_normalization(model: DictConfig) -> tuple[list[float], list[float]]:
-    """Mean and std the backbone's weights expect, from its pretrained config with the overlay applied."""
-    pretrained_cfg = timm.models.get_pretrained_cfg(model.name)
-    merged = {**(pretrained_cfg.to_dict() if pretrained_cfg else {}), **OmegaConf.to_container(model.pretrained_cfg)}
-    data_config = timm.data.resolve_data_config(pretrained_cfg=merged)
-    return list(data_config["mean"]), list(data_config["std"])
-
-
-class StagedLR(LRScheduler):
-    """Per-step lr of every param group from the stage plan, including groups added at an unfreeze.
-
-    torch's and timm's schedulers fix their list of groups when built, so a group added later
-    would crash them or keep its first lr forever.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, plan: StagePlan):
-        self.plan = plan
-        super().__init__(optimizer)
-
-    def state_dict(self) -> dict[str, Any]:
-        # the plan is rebuilt from the config; checkpoints keep plain values only
-        return {key: value for key, value in super().state_dict().items() if key != "plan"}
-
-    def get_lr(self) -> list[float]:
-        return [self.plan.lr(group.get("name", HEAD), self.last_epoch) for group in self.optimizer.param_groups]
-
-
 class ClassifierModule(L.LightningModule):
     def __init__(
         self,
@@ -152,6 +126,10 @@ class ClassifierModule(L.LightningModule):
         self.net = build_model(OmegaConf.create(model), num_classes, load_weights)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net.to(memory_format=self.memory_format)
+        self.stages = finetune["stages"]
+        # .get: checkpoints saved before the key existed are still predicted from
+        self.no_decay = no_decay_parameters(self.net, optim["weight_decay"], optim.get("filter_bias_and_bn", False))
+        self.stage_plan: StagePlan | None = None  # built with the optimizer, once the fit's length is known
         self.metric = METRICS[metric]
         self.mixup = None
         if mixup and (mixup["mixup_alpha"] > 0 or mixup["cutmix_alpha"] > 0):
@@ -204,17 +182,18 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """An optimizer over what is trainable now (the finetune callback has applied the first
-        stage): the head, and a group per backbone block group; later stages add groups."""
-        head = [p for p in self.net.get_classifier().parameters() if p.requires_grad]
-        groups = [{"params": head, "name": HEAD}] + [
-            {"params": [p for module in modules for p in module.parameters(recurse=False) if p.requires_grad],
-             "name": f"{BACKBONE}.{index}"}
+        stage): the head, and groups per backbone block group; later stages add groups."""
+        steps_per_epoch = self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs)
+        self.stage_plan = StagePlan(self.stages, int(steps_per_epoch), self.hparams.finetune["min_lr_ratio"],
+                                    len(block_groups(self.net)))
+        trainable = [(HEAD, [p for p in self.net.get_classifier().parameters() if p.requires_grad])] + [
+            (f"{BACKBONE}.{index}",
+             [p for module in modules for p in module.parameters(recurse=False) if p.requires_grad])
             for index, modules in enumerate(block_groups(self.net))
         ]
-        finetune = self.hparams.finetune
-        optimizer = create_optimizer_v2(
-            [group for group in groups if group["params"]], opt=self.hparams.optim["name"],
-            lr=finetune["stages"][0]["lr"], weight_decay=self.hparams.optim["weight_decay"],
-        )
-        plan = plan_for(self.trainer, self.net, finetune["stages"], finetune["min_lr_ratio"])
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": StagedLR(optimizer, plan), "interval": "step"}}
+        groups = param_groups(trainable, self.no_decay, self.hparams.optim["weight_decay"],
+                              lambda lr_group: self.stage_plan.lr(lr_group, 0))
+        optimizer = create_optimizer_v2(groups, opt=self.hparams.optim["name"], lr=self.stages[0]["lr"],
+                                        weight_decay=self.hparams.optim["weight_decay"])
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": StagedLR(optimizer, self.stage_plan), "interval": "step"}}

@@ -4,28 +4,25 @@ merging and fold averaging."""
 from __future__ import annotations
 
 import logging
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.plugins.environments import LightningEnvironment
 import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from labelcomp.augment import build_transforms, merge_views, view_transforms
+from labelcomp.augment import build_transforms
 from labelcomp.data import ImageDataModule
-from labelcomp.errors import LabelcompError
-from labelcomp.metrics import METRICS
+from labelcomp.ensemble import fold_average
+from labelcomp.hardware import device_of
 from labelcomp.model import ClassifierModule
-from labelcomp.speed import device_of, loader_workers
+from labelcomp.tta import view_transforms
 
 _logger = logging.getLogger(__name__)
-
-# raised inside Lightning against newer torch, once per fit or predict; nothing for a user to act on
-warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 
 
 class ViewPredictor(L.LightningModule):
@@ -67,7 +64,7 @@ def predict_views(
     """Raw outputs (logits, or features for a feature extractor) of shape (views, images, ...), one
     row per name in `views`."""
     data = ImageDataModule(
-        batch_size=config.data.batch_size, num_workers=loader_workers(config), mean=config.augment.mean,
+        batch_size=config.data.batch_size, num_workers=config.data.num_workers, mean=config.augment.mean,
         std=config.augment.std, predict=frame,
         eval_transform=build_transforms(config.augment, train=False), cache=cache,
         pin_memory=device_of(config.trainer.accelerator).type == "cuda",
@@ -76,38 +73,13 @@ def predict_views(
     trainer = L.Trainer(
         accelerator=config.trainer.accelerator, devices=1, precision=config.trainer.precision, logger=False,
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=config.trainer.progress_bar,
+        # one process predicts, also inside a multi-process job (torchrun, SLURM), whose cluster
+        # environment would otherwise ask for every process of the job
+        plugins=[LightningEnvironment()],
     )
     predictor = ViewPredictor(network, view_transforms(views, config.tta), config.tta.max_images)
     batches = trainer.predict(predictor, datamodule=data)
     return torch.cat(batches, dim=1).float().numpy()
-
-
-FOLD_WEIGHTS = ("equal", "score")
-BLEND_OBJECTIVES = ("logloss", "metric")
-
-
-def check_ensemble(ensemble: DictConfig) -> None:
-    if ensemble.fold_weights not in FOLD_WEIGHTS:
-        raise LabelcompError(f"ensemble.fold_weights '{ensemble.fold_weights}' is unknown; use equal or score")
-    if ensemble.blend_objective not in BLEND_OBJECTIVES:
-        raise LabelcompError(f"ensemble.blend_objective '{ensemble.blend_objective}' is unknown; use logloss or metric")
-
-
-def fold_weights(fold_scores: list[float], how: str, mode: str) -> np.ndarray:
-    """Weights of the fold models in the test average: equal, or proportional to each fold's OOF score
-    (to its inverse where lower is better)."""
-    weights = np.ones(len(fold_scores))
-    if how == "score":
-        scores = np.asarray(fold_scores, dtype=float)
-        weights = scores if mode == "max" else 1 / scores
-    return weights / weights.sum()
-
-
-def run_fold_weights(scores: dict, ensemble: DictConfig) -> np.ndarray:
-    """The fold weights of a finished run from its scores.json, as the ensemble settings ask."""
-    check_ensemble(ensemble)
-    return fold_weights([fold["score"] for fold in scores["folds"]], ensemble.fold_weights,
-                        METRICS[scores["metric"]].mode)
 
 
 def predict_folds(
@@ -115,9 +87,10 @@ def predict_folds(
 ) -> np.ndarray:
     """Weighted mean over folds of the TTA-merged probabilities, shape (images, classes)."""
     cache: dict[str, np.ndarray] | None = {} if config.data.cache_images else None
-    total = 0.0
-    for checkpoint, weight in zip(checkpoints, weights):
-        _logger.info("predicting %d images x %d views with %s", len(frame), len(views), checkpoint)
-        outputs = predict_views(load_classifier(checkpoint), frame, config, views, cache)
-        total = total + weight * merge_views(outputs, config.tta.merge)
-    return total
+
+    def fold_outputs():
+        for checkpoint in checkpoints:
+            _logger.info("predicting %d images x %d views with %s", len(frame), len(views), checkpoint)
+            yield predict_views(load_classifier(checkpoint), frame, config, views, cache)
+
+    return fold_average(fold_outputs(), weights, config.tta.merge)

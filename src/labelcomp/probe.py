@@ -10,20 +10,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from labelcomp import history
-from labelcomp.config import save_config
-from labelcomp.augment import merge_views, policy_views, scored_views
+from labelcomp.ensemble import fold_average, run_fold_weights
 from labelcomp.model import build_model
-from labelcomp.predict import predict_views, run_fold_weights
-from labelcomp.runs import RunDir, new_run, write_csv_atomic
+from labelcomp.predict import predict_views
+from labelcomp.resolve import resolve_config
+from labelcomp.runs import RunDir
 from labelcomp.submit import write_submission
-from labelcomp.train import prepare, run_row, write_oof, write_scores
+from labelcomp.train import open_run, read_data, record_run, split_folds, write_oof, write_scores
+from labelcomp.tta import policy_views, scored_views
 
 _logger = logging.getLogger(__name__)
 
@@ -48,32 +48,32 @@ def _class_log_proba(classifier, features: np.ndarray, num_classes: int) -> np.n
 
 
 def run_probe(config: DictConfig) -> tuple[RunDir, dict[str, Any]]:
-    config.experiment = f"{config.experiment}-probe"
-    competition, train, test, folds, cache = prepare(config)
-    features = PooledFeatures(build_model(config.model, competition.num_classes)).eval()
-    views = scored_views(config.tta)
+    data = read_data(config)
+    competition, train, test = data.competition, data.train, data.test
+    probe = OmegaConf.merge(config, {"experiment": f"{config.experiment}-probe"})
+    probe = resolve_config(probe, competition.num_classes)
+    folds = split_folds(probe, data)
+    features = PooledFeatures(build_model(probe.model, competition.num_classes)).eval()
+    views = scored_views(probe.tta)
     _logger.info("extracting features of %d training and %d test images, %d views", len(train), len(test), len(views))
-    train_views = predict_views(features, train, config, views, cache)
-    test_views = predict_views(features, test, config, views)
-    run_dir = new_run(config.paths.runs, config.experiment)
-    save_config(config, run_dir.config)
-    write_csv_atomic(folds, run_dir.folds)
+    train_views = predict_views(features, train, probe, views, data.cache)
+    test_views = predict_views(features, test, probe, views)
+    run_dir, folds = open_run(probe, data, folds, None)
     test_outputs = []
-    for fold in range(config.cv.folds):
+    for fold in range(probe.cv.folds):
         held_out = folds["fold"].to_numpy() == fold
         classifier = make_pipeline(
-            StandardScaler(), LogisticRegression(C=config.probe.C, max_iter=config.probe.max_iter)
+            StandardScaler(), LogisticRegression(C=probe.probe.C, max_iter=probe.probe.max_iter)
         )
         # fitted on the untransformed images; the TTA views are only predicted
         classifier.fit(train_views[views.index("identity")][~held_out], train["target"].to_numpy()[~held_out])
         oof = np.stack([_class_log_proba(classifier, view[held_out], competition.num_classes) for view in train_views])
         write_oof(run_dir, competition, train[held_out], fold, oof, views)
         test_outputs.append(np.stack([_class_log_proba(classifier, view, competition.num_classes) for view in test_views]))
-    scores = write_scores(run_dir, competition, config)
-    history.record_run(history.history_path(config.paths.submissions), run_row(run_dir, config, scores))
-    chosen = [views.index(view) for view in policy_views(scores["tta"]["policy"], config.tta)]
-    weights = run_fold_weights(scores, config.ensemble)
-    test_proba = sum(weight * merge_views(outputs[chosen], config.tta.merge)
-                     for weight, outputs in zip(weights, test_outputs))
-    write_submission(competition, run_dir.run_id, test["id"], test_proba, Path(config.paths.submissions))
+    scores = write_scores(run_dir, competition, probe)
+    record_run(run_dir, probe, scores)
+    chosen = [views.index(view) for view in policy_views(scores["tta"]["policy"], probe.tta)]
+    test_proba = fold_average((outputs[chosen] for outputs in test_outputs), run_fold_weights(scores, probe.ensemble),
+                              probe.tta.merge)
+    write_submission(competition, run_dir.run_id, test["id"], test_proba, Path(probe.paths.submissions))
     return run_dir, scores

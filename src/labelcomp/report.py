@@ -8,15 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers and CI
-
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from sklearn.metrics import ConfusionMatrixDisplay
 
@@ -48,7 +44,8 @@ def config_differences(config: DictConfig) -> list[str]:
 def _grid(rows: pd.DataFrame, paths: dict[str, str], title: str, path: Path) -> None:
     columns = 6
     lines = max(1, -(-len(rows) // columns))
-    figure, axes = plt.subplots(lines, columns, figsize=(2.8 * columns, 2.5 * lines), squeeze=False)
+    figure = Figure(figsize=(2.8 * columns, 2.5 * lines))
+    axes = figure.subplots(lines, columns, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, (_, row) in zip(axes.flat, rows.iterrows()):
@@ -87,7 +84,8 @@ def write_report(config: DictConfig, run_id: str | None = None) -> Path:
     oof["confidence"] = proba.max(1)
     target = oof["label"].map(labels.index).to_numpy()
 
-    figure, axis = plt.subplots(figsize=(0.45 * len(labels) + 4, 0.45 * len(labels) + 3))
+    figure = Figure(figsize=(0.45 * len(labels) + 4, 0.45 * len(labels) + 3))
+    axis = figure.subplots()
     ConfusionMatrixDisplay.from_predictions(target, proba.argmax(1), labels=range(len(labels)), display_labels=labels,
                                             ax=axis, xticks_rotation=90, colorbar=False, include_values=len(labels) <= 25)
     axis.set_title("OOF confusion matrix (with TTA)")
@@ -111,7 +109,8 @@ def write_report(config: DictConfig, run_id: str | None = None) -> Path:
         if cam is not None:
             cams.append((row, picture, cam))
     if cams:
-        figure, axes = plt.subplots(2, len(cams), figsize=(2.4 * len(cams), 5), squeeze=False)
+        figure = Figure(figsize=(2.4 * len(cams), 5))
+        axes = figure.subplots(2, len(cams), squeeze=False)
         for column, (row, picture, cam) in enumerate(cams):
             axes[0, column].imshow(picture)
             axes[0, column].set_title(f"true {row['label']}", fontsize=7)

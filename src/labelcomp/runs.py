@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -35,12 +37,11 @@ def write_text_atomic(path: Path, data: str | bytes) -> None:
 
 
 def write_figure_atomic(figure, path: Path, dpi: int = 100) -> None:
-    """A matplotlib figure as PNG, written atomically, then closed."""
-    import matplotlib.pyplot as plt
-
+    """A matplotlib figure as PNG, written atomically; a pyplot figure is closed after."""
     image = io.BytesIO()
     figure.savefig(image, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(figure)
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close(figure)
     write_text_atomic(path, image.getvalue())
 
 
@@ -62,6 +63,12 @@ class RunDir:
     @property
     def folds(self) -> Path:
         return self.root / "folds.csv"
+
+    @property
+    def survey(self) -> Path:
+        """The fingerprint of the surveyed competition files and their duplicate sets: a resumed run
+        or a fold job of unchanged files does not decode every image again."""
+        return self.root / "survey.json"
 
     @property
     def oof(self) -> Path:
@@ -97,19 +104,26 @@ class RunDir:
         return self.fold_dir(fold) / "last.ckpt"
 
 
-def new_run(runs_root: str | Path, experiment: str) -> RunDir:
-    """A fresh folder named `<experiment>-<local time>`; a suffix keeps runs started in one second apart."""
-    parent = Path(runs_root) / experiment
-    parent.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+def claim_name(prefix: str, create: Callable[[str], None]) -> str:
+    """`<prefix>-<local time>`, with a suffix when the name is taken. `create(name)` makes the thing
+    named, failing with FileExistsError where it exists: whoever creates it owns the name, so parallel
+    processes never share one."""
+    stamp = f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     for attempt in range(1000):
-        run_id = f"{experiment}-{stamp}" + (f"-{attempt}" if attempt else "")
+        name = stamp + (f"-{attempt}" if attempt else "")
         try:
-            (parent / run_id).mkdir()
+            create(name)
         except FileExistsError:
             continue
-        return RunDir(parent / run_id)
-    raise LabelcompError(f"{parent}: could not create a new run folder")
+        return name
+    raise LabelcompError(f"could not find a free name for a new '{prefix}'")
+
+
+def new_run(runs_root: str | Path, experiment: str) -> RunDir:
+    """A fresh folder `<runs_root>/<experiment>/<experiment>-<local time>`."""
+    parent = Path(runs_root) / experiment
+    parent.mkdir(parents=True, exist_ok=True)
+    return RunDir(parent / claim_name(experiment, lambda name: (parent / name).mkdir()))
 
 
 def find_run(runs_root: str | Path, experiment: str, run_id: str | None = None, finished: bool = True) -> RunDir:

@@ -1,47 +1,24 @@
-"""The fastest way to train a model on this hardware, measured rather than guessed.
+"""Measuring code: the model alone trained on synthetic tensors, for every precision and memory format.
 
-`trainer.precision: auto` and `trainer.channels_last: auto` time a few training steps of the config's
-backbone on synthetic tensors for every candidate (fp32 or bf16/fp16 autocast, contiguous or
-channels_last) and keep the fastest; the choice is cached per machine, model, image and batch size in
-`<paths.runs>/.speed.json`, so runs of one config make the same choice. `data.num_workers: auto`
-follows the cores.
+Used by `labelcomp bench`, and by `trainer.precision: auto` / `trainer.channels_last: auto` when the
+speed cache has no entry for the machine and config (hardware.fastest_variant).
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import platform
 import time
-from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
-from filelock import FileLock
 from omegaconf import DictConfig
 
-from labelcomp.runs import write_text_atomic
-
-_logger = logging.getLogger(__name__)
+from labelcomp.hardware import device_of
 
 
 class Variant(NamedTuple):
     precision: str  # Lightning's precision name
     channels_last: bool
-
-
-def device_of(accelerator: str) -> torch.device:
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
 def candidates(device: torch.device) -> list[Variant]:
@@ -123,74 +100,7 @@ def measure_variants(config: DictConfig, num_classes: int, seconds: float, round
     return rates
 
 
-def _cache_key(config: DictConfig, device: torch.device) -> str:
-    return (f"{config.model.name} {config.augment.image_size}px batch {config.data.batch_size} on "
-            f"{device_name(device)}, torch {torch.__version__}")
-
-
-def resolve_speed(config: DictConfig, num_classes: int, seconds: float = 0.6) -> None:
-    """Replace `auto` in trainer.precision / trainer.channels_last by the fastest measured variant."""
-    precision_auto, layout_auto = config.trainer.precision == "auto", config.trainer.channels_last == "auto"
-    if not (precision_auto or layout_auto):
-        return
-    device = device_of(config.trainer.accelerator)
-    cache = Path(config.paths.runs) / ".speed.json"
-    key = _cache_key(config, device)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache) + ".lock"):
-        known = json.loads(cache.read_text()) if cache.is_file() else {}
-        if key not in known:
-            _logger.info("measuring training speed of %s variants (once for this machine and config)", key)
-            rates = measure_variants(config, num_classes, seconds)
-            known[key] = [{"precision": variant.precision, "channels_last": variant.channels_last,
-                           "images_per_s": float(np.median(measured))} for variant, measured in rates.items()]
-            write_text_atomic(cache, json.dumps(known, indent=2) + "\n")
-    measured = [row for row in known[key]
-                if (precision_auto or row["precision"] == config.trainer.precision)
-                and (layout_auto or row["channels_last"] == bool(config.trainer.channels_last))]
-    best = max(measured, key=lambda row: row["images_per_s"])
-    config.trainer.precision = best["precision"]
-    config.trainer.channels_last = best["channels_last"]
-    _logger.info("precision %s, channels_last %s: fastest measured (%s)", best["precision"], best["channels_last"],
-                 ", ".join(f"{row['precision']}{' cl' if row['channels_last'] else ''} {row['images_per_s']:.0f}/s"
-                           for row in known[key]))
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def loader_workers(config: DictConfig) -> int:
-    """`data.num_workers`, with `auto` chosen for the cores: on CPU the model already uses every core and
-    loader workers only take time from it (measured on 2 cores: 0 workers gave the best end-to-end
-    rate, 1 worker 0.67 of it), so workers start at 8 cores; with a GPU the cores are free for loading."""
-    if config.data.num_workers != "auto":
-        return int(config.data.num_workers)
-    available = cores()
-    if device_of(config.trainer.accelerator).type == "cuda":
-        return min(8, max(available - 1, 0))
-    return 0 if available < 8 else min(4, available // 4)
-
-
-def resolve_workers(config: DictConfig) -> None:
-    config.data.num_workers = loader_workers(config)
-
-
-def reset_peak_memory() -> None:
-    """Start a new peak of this process's resident memory (Linux: clear_refs 5 resets VmHWM)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_memory_gb() -> float | None:
-    """This process's peak resident memory since the last reset, in GB (None where /proc is absent)."""
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 2**20, 3)
-    return None
+def median_rates(rates: dict[Variant, list[float]]) -> list[dict]:
+    """Each variant's median rate, as the speed cache keeps it."""
+    return [{"precision": variant.precision, "channels_last": variant.channels_last,
+             "images_per_s": float(np.median(measured))} for variant, measured in rates.items()]

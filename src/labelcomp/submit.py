@@ -12,13 +12,15 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from labelcomp import history
-from labelcomp.augment import policy_views
 from labelcomp.competition import Competition
 from labelcomp.config import load_config
+from labelcomp.ensemble import run_fold_weights
 from labelcomp.errors import LabelcompError
-from labelcomp.predict import predict_folds, run_fold_weights
+from labelcomp.predict import predict_folds
+from labelcomp.resolve import keep_recorded_choices
 from labelcomp.runs import RunDir, find_run, write_csv_atomic
 from labelcomp.survey import survey
+from labelcomp.tta import policy_views, run_policy
 
 _logger = logging.getLogger(__name__)
 
@@ -29,18 +31,11 @@ def submit(config: DictConfig, run_id: str | None = None, overrides: list[str] |
     The run's own saved config is used, with the same `overrides` applied on top (e.g. tta=none)."""
     run = find_run(config.paths.runs, config.experiment, run_id)
     run_config = load_config(run.config, overrides)
+    keep_recorded_choices(run_config, load_config(run.config))  # overrides may say auto again
     competition = Competition.load(run_config.competition)
     test = competition.read_test()
     proba = predict_run_test(run, run_config, test)
     return write_submission(competition, run.run_id, test["id"], proba, Path(run_config.paths.submissions))
-
-
-def run_tta_policy(scores: dict, run_config: DictConfig) -> str:
-    """The configured TTA policy, or with `auto` the one the run chose on its OOF predictions."""
-    if run_config.tta.policy != "auto":
-        return run_config.tta.policy
-    chosen = scores["tta"]
-    return chosen["policy"] if isinstance(chosen, dict) else chosen  # runs saved before TTA policies
 
 
 def predict_run_test(run: RunDir, run_config: DictConfig, test: pd.DataFrame) -> np.ndarray:
@@ -52,7 +47,7 @@ def predict_run_test(run: RunDir, run_config: DictConfig, test: pd.DataFrame) ->
     if missing:
         raise LabelcompError(f"run {run.run_id}: fold checkpoints missing: {missing}; finish training the run first")
     scores = json.loads(run.scores.read_text())
-    views = policy_views(run_tta_policy(scores, run_config), run_config.tta)
+    views = policy_views(run_policy(scores, run_config.tta), run_config.tta)
     return predict_folds(checkpoints, test, run_config, views, run_fold_weights(scores, run_config.ensemble))
 
 

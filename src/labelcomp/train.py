@@ -1,6 +1,7 @@
 """The k-fold loop: per fold build data, model and callbacks, fit, predict OOF; then scores and history.
 
-`run` is made of `fit_fold`, `predict_oof` and `write_scores`, each usable alone.
+`run` is made of `read_data`, `resolve_config` (resolve.py), `fit_fold`, `predict_oof` and
+`write_scores`, each usable alone.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import logging
 import platform
 import subprocess
 import time
-import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,79 +19,76 @@ from typing import Any, NamedTuple
 import lightning as L
 import numpy as np
 import pandas as pd
-import torch
+from filelock import FileLock
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from labelcomp import __version__, history
-from labelcomp.augment import build_transforms, check_tta, merge_views, policy_views, scored_views
+from labelcomp import __version__, history, ranks
+from labelcomp.augment import build_transforms
 from labelcomp.competition import Competition
-from labelcomp.config import save_config
+from labelcomp.config import load_config, save_config
 from labelcomp.data import ImageDataModule
 from labelcomp.errors import LabelcompError
-from labelcomp.finetune import StagedFinetuning, resolve_stages
+from labelcomp.finetune import StagedFinetuning
 from labelcomp.folds import assign_folds, fold_groups
+from labelcomp.hardware import device_of, peak_memory_gb, reset_peak_memory
 from labelcomp.metrics import METRICS, multiclass_log_loss
-from labelcomp.model import ClassifierModule, apply_weights_card, build_model, resolve_normalization
-from labelcomp.predict import check_ensemble, load_classifier, predict_views
+from labelcomp.model import ClassifierModule
+from labelcomp.predict import load_classifier, predict_views
+from labelcomp.resolve import resolve_config
 from labelcomp.runs import RunDir, new_run, write_csv_atomic, write_text_atomic
-from labelcomp.speed import device_of, loader_workers, peak_memory_gb, reset_peak_memory, resolve_speed, resolve_workers
-from labelcomp.survey import survey
+from labelcomp.survey import check_images, fingerprint
+from labelcomp.tta import choose_policy, merge_views, scored_views
 
 _logger = logging.getLogger(__name__)
 
-# few or no workers is a measured choice on small machines (speed.resolve_workers), not an oversight
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
-# frozen BatchNorm layers are put in eval mode on purpose (see finetune.py)
-warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode at the start of training.*")
-# a fold folder holds its checkpoint beside its logs folder
-warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
-# with deterministic algorithms on (trainer.deterministic), torch also fills every new tensor with NaN,
-# a debugging aid against reading uninitialized memory that reproducibility does not need; it cost 14%
-# of the training steps' time here (mobilenetv2_035 at 96 px on 2 CPU cores: 385 vs 434 images/s)
-torch.utils.deterministic.fill_uninitialized_memory = False
 
+class RunData(NamedTuple):
+    """A competition's splits, checked."""
 
-class Prepared(NamedTuple):
     competition: Competition
     train: pd.DataFrame
     test: pd.DataFrame
-    folds: pd.DataFrame
+    duplicates: list[list[int]]  # positions in `train` of images with identical pixels, a list per set
+    fingerprint: str  # of the tables and image files (survey.fingerprint)
     cache: dict[str, np.ndarray] | None  # decoded training images, when data.cache_images is on
 
 
-def prepare(config: DictConfig) -> Prepared:
-    """Validate everything a run needs before its folder exists, so bad input leaves nothing behind:
-    the config, both splits and every image (decoded once; kept when caching), then the folds."""
+def read_data(config: DictConfig, known: RunDir | None = None) -> RunData:
+    """Both splits of the config's competition, validated before a run folder exists, so bad input
+    leaves nothing behind: every image is decoded once (and kept when caching), unless `known`, a run
+    folder of this competition, recorded a survey of the very same files."""
     competition = Competition.load(config.competition)
     train = competition.read_train()
     test = competition.read_test()
     cache: dict[str, np.ndarray] | None = {} if config.data.cache_images else None
-    train_images = survey(train["path"].tolist(), cache)
-    train_images.raise_problems("training")
-    survey(test["path"].tolist()).raise_problems("test")
-    duplicates = train_images.duplicate_sets()
+    stamp = fingerprint(train, test)
+    duplicates = _recorded_duplicates(known, stamp, train) if known is not None else None
+    if duplicates is None:
+        duplicates = check_images(train, test, cache)
+    else:
+        _logger.info("images unchanged since run %s surveyed them: not decoded again", known.run_id)
     if duplicates:
         _logger.info("%d sets of identical training images: each set is kept within one fold", len(duplicates))
-    source = str(competition.root / (competition.spec.train.csv or competition.spec.train.images))
-    folds = assign_folds(train, config.cv.folds, config.seed, fold_groups(train, duplicates), source)
-    resolve_stages(config.finetune)
-    check_tta(config.tta)
-    check_ensemble(config.ensemble)
-    apply_weights_card(config.model)
-    build_model(config.model, competition.num_classes)
-    _logger.info("backbone %s, pretrained: %s", config.model.name, config.model.pretrained)
-    resolve_speed(config, competition.num_classes)
-    resolve_workers(config)
-    if config.augment.mean is None or config.augment.std is None:
-        mean, std = resolve_normalization(config.model)
-        config.augment.mean = config.augment.mean or mean
-        config.augment.std = config.augment.std or std
-    build_transforms(config.augment, train=True)
-    build_transforms(config.augment, train=False)
-    return Prepared(competition, train, test, folds, cache)
+    return RunData(competition, train, test, duplicates, stamp, cache)
+
+
+def _recorded_duplicates(run_dir: RunDir, stamp: str, train: pd.DataFrame) -> list[list[int]] | None:
+    """The run's recorded duplicate sets, if it surveyed files with this fingerprint."""
+    if not run_dir.survey.is_file():
+        return None
+    record = json.loads(run_dir.survey.read_text())
+    if record["fingerprint"] != stamp:
+        return None
+    position = pd.Series(np.arange(len(train)), index=train["id"].to_numpy())
+    return [position.loc[ids].tolist() for ids in record["duplicate_ids"]]
+
+
+def split_folds(config: DictConfig, data: RunData) -> pd.DataFrame:
+    spec = data.competition.spec.train
+    source = str(data.competition.root / (spec.csv or spec.images))
+    return assign_folds(data.train, config.cv.folds, config.seed, fold_groups(data.train, data.duplicates), source)
 
 
 def run(
@@ -100,35 +97,75 @@ def run(
     """Train the folds of a run (all, or `only_folds`), skipping finished ones and continuing an
     interrupted one from its last checkpoint. `run_id` names a run to create or join, so that fold
     jobs in separate processes share it. Scores and the history row come when every fold is done;
-    until then the returned scores are None."""
-    competition, train, _, folds, cache = prepare(config)
-    run_dir, folds = open_run(config, folds, run_id)
-    _logger.info("run %s in %s", run_dir.run_id, run_dir.root)
-    for fold in only_folds if only_folds is not None else range(config.cv.folds):
+    until then, and in every process of a multi-process job but rank 0, the returned scores are None."""
+    folds_to_train = only_folds if only_folds is not None else list(range(config.cv.folds))
+    for fold in folds_to_train:
         if not 0 <= fold < config.cv.folds:
             raise LabelcompError(f"--folds: fold {fold} does not exist; cv.folds is {config.cv.folds}")
-        if run_dir.fold_oof(fold).exists():
-            _logger.info("fold %d/%d: done before, skipped", fold + 1, config.cv.folds)
-            continue
-        started = time.perf_counter()
-        reset_peak_memory()
-        checkpoint = fit_fold(config, competition, train, folds, fold, run_dir, cache)
-        predict_oof(config, competition, train, folds, fold, checkpoint, run_dir, cache)
-        usage = {"seconds": round(time.perf_counter() - started, 1), "peak_memory_gb": peak_memory_gb()}
-        write_text_atomic(run_dir.fold_usage(fold), json.dumps(usage) + "\n")
-        _logger.info("fold %d/%d: %.0f s, peak memory %s GB", fold + 1, config.cv.folds, usage["seconds"],
-                     usage["peak_memory_gb"])
-        run_dir.last_checkpoint(fold).unlink(missing_ok=True)  # only needed to resume the fold
-    if not all(run_dir.fold_oof(fold).exists() for fold in range(config.cv.folds)):
+    run_id = ranks.shared_run_id(config.experiment, run_id)
+    if not ranks.is_global_zero():
+        return _follow_run(config, run_id, folds_to_train), None
+    known = RunDir(Path(config.paths.runs) / config.experiment / run_id) if run_id else None
+    if known is not None and not known.config.is_file():
+        known = None
+    data = read_data(config, known)
+    resolved = resolve_config(config, data.competition.num_classes, load_config(known.config) if known else None)
+    run_dir, folds = open_run(resolved, data, split_folds(resolved, data), run_id)
+    _logger.info("run %s in %s", run_dir.run_id, run_dir.root)
+    with ranks.passed_down(run_dir.run_id):
+        for fold in folds_to_train:
+            if run_dir.fold_oof(fold).exists():
+                _logger.info("fold %d/%d: done before, skipped", fold + 1, resolved.cv.folds)
+                continue
+            started = time.perf_counter()
+            reset_peak_memory()
+            checkpoint = fit_fold(resolved, data.competition, data.train, folds, fold, run_dir, data.cache)
+            predict_oof(resolved, data.competition, data.train, folds, fold, checkpoint, run_dir, data.cache)
+            usage = {"seconds": round(time.perf_counter() - started, 1), "peak_memory_gb": peak_memory_gb()}
+            write_text_atomic(run_dir.fold_usage(fold), json.dumps(usage) + "\n")
+            _logger.info("fold %d/%d: %.0f s, peak memory %s GB", fold + 1, resolved.cv.folds, usage["seconds"],
+                         usage["peak_memory_gb"])
+            run_dir.last_checkpoint(fold).unlink(missing_ok=True)  # only needed to resume the fold
+    if not all(run_dir.fold_oof(fold).exists() for fold in range(resolved.cv.folds)):
         return run_dir, None
-    scores = write_scores(run_dir, competition, config)
-    history.record_run(history.history_path(config.paths.submissions), run_row(run_dir, config, scores))
+    with FileLock(str(run_dir.root / ".scores.lock")):
+        # fold jobs that end together find every fold done: the first scores the run, the others read it
+        if run_dir.scores.exists() and run_dir.scores.stat().st_mtime_ns >= max(
+                run_dir.fold_oof(fold).stat().st_mtime_ns for fold in range(resolved.cv.folds)):
+            scores = json.loads(run_dir.scores.read_text())
+        else:
+            scores = write_scores(run_dir, data.competition, resolved)
+        record_run(run_dir, resolved, scores)
     return run_dir, scores
 
 
-def open_run(config: DictConfig, folds: pd.DataFrame, run_id: str | None) -> tuple[RunDir, pd.DataFrame]:
-    """A new run folder, or the named one (created by whichever fold job comes first). A joined run
-    keeps its own folds, and must have been split the same way."""
+def _follow_run(config: DictConfig, run_id: str, folds_to_train: list[int]) -> RunDir:
+    """A process of a multi-process job other than rank 0: once rank 0 has written the run's files, it
+    trains the same folds with rank 0's resolved config and writes nothing."""
+    run_dir = RunDir(Path(config.paths.runs) / config.experiment / run_id)
+    ranks.wait_for(run_dir.folds)
+    resolved = load_config(run_dir.config)
+    data = read_data(resolved, run_dir)
+    folds = pd.read_csv(run_dir.folds, dtype={"id": str})
+    for fold in folds_to_train:
+        if not run_dir.fold_oof(fold).exists():
+            fit_fold(resolved, data.competition, data.train, folds, fold, run_dir, data.cache)
+    return run_dir
+
+
+def record_run(run_dir: RunDir, config: DictConfig, scores: dict[str, Any]) -> None:
+    """The run's row in the score history."""
+    history.record_run(history.history_path(config.paths.submissions), history.run_row(
+        run_dir.run_id, experiment=config.experiment, backbone=config.model.name, metric=scores["metric"],
+        created_at=scores["finished_at"], fold_scores=[fold["score"] for fold in scores["folds"]],
+        oof_score=scores["oof_score"], oof_tta_score=scores["oof_tta_score"]))
+
+
+def open_run(config: DictConfig, data: RunData, folds: pd.DataFrame,
+             run_id: str | None) -> tuple[RunDir, pd.DataFrame]:
+    """A new run folder, or the named one (created by whichever fold job comes first), holding the
+    resolved config, the folds and the survey's record. A joined run keeps its own folds, and must
+    have been split the same way."""
     if run_id is None:
         run_dir = new_run(config.paths.runs, config.experiment)
     else:
@@ -143,15 +180,19 @@ def open_run(config: DictConfig, folds: pd.DataFrame, run_id: str | None) -> tup
                     "competition and seed"
                 )
             return run_dir, saved
+        ids = data.train["id"].to_numpy()
+        record = {"fingerprint": data.fingerprint, "duplicate_ids": [ids[group].tolist() for group in data.duplicates]}
+        write_text_atomic(run_dir.survey, json.dumps(record) + "\n")
         save_config(config, run_dir.config)
         write_csv_atomic(folds, run_dir.folds)
     return run_dir, folds
 
 
-def fold_data(config: DictConfig, train: pd.DataFrame, val: pd.DataFrame,
-              cache: dict[str, np.ndarray] | None) -> ImageDataModule:
+def build_datamodule(config: DictConfig, train: pd.DataFrame, val: pd.DataFrame,
+                     cache: dict[str, np.ndarray] | None) -> ImageDataModule:
+    """The data module of a fold: `train` augmented, `val` as evaluated (a resolved config)."""
     return ImageDataModule(
-        batch_size=config.data.batch_size, num_workers=loader_workers(config), mean=config.augment.mean,
+        batch_size=config.data.batch_size, num_workers=config.data.num_workers, mean=config.augment.mean,
         std=config.augment.std, train=train, val=val,
         train_transform=build_transforms(config.augment, train=True, seed=config.seed),
         eval_transform=build_transforms(config.augment, train=False), cache=cache,
@@ -160,15 +201,17 @@ def fold_data(config: DictConfig, train: pd.DataFrame, val: pd.DataFrame,
     )
 
 
-def classifier_module(config: DictConfig, competition: Competition, stages: list | None = None) -> ClassifierModule:
-    """The LightningModule of the config; `stages` replaces the config's fine-tuning stages."""
-    finetune = OmegaConf.to_container(config.finetune, resolve=True)
+def build_module(config: DictConfig, competition: Competition, stages: list | None = None) -> ClassifierModule:
+    """The LightningModule of a resolved config; `stages` replaces the config's fine-tuning stages."""
+    def container(node: DictConfig) -> dict[str, Any]:
+        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+
+    finetune = container(config.finetune)
     return ClassifierModule(
-        model=OmegaConf.to_container(config.model, resolve=True),
-        optim=OmegaConf.to_container(config.optim, resolve=True),
+        model=container(config.model), optim=container(config.optim),
         finetune={**finetune, "stages": stages or finetune["stages"]}, num_classes=competition.num_classes,
-        metric=competition.spec.metric, mixup=OmegaConf.to_container(config.mixup),
-        ema=OmegaConf.to_container(config.ema), channels_last=bool(config.trainer.channels_last),
+        metric=str(competition.spec.metric), mixup=container(config.mixup), ema=container(config.ema),
+        channels_last=bool(config.trainer.channels_last),
     )
 
 
@@ -181,9 +224,8 @@ def fit_fold(
     held_out = folds["fold"].to_numpy() == fold
     _logger.info("fold %d/%d: %d train / %d validation images", fold + 1, config.cv.folds,
                  (~held_out).sum(), held_out.sum())
-    data = fold_data(config, train[~held_out], train[held_out], cache)
-    module = classifier_module(config, competition)
-    finetune = module.hparams.finetune
+    data = build_datamodule(config, train[~held_out], train[held_out], cache)
+    module = build_module(config, competition)
     metric = METRICS[competition.spec.metric]
     fold_dir = run_dir.fold_dir(fold)
     best = ModelCheckpoint(
@@ -191,11 +233,11 @@ def fit_fold(
         save_top_k=1, save_last=True, auto_insert_metric_name=False, enable_version_counter=False,
     )
     trainer = L.Trainer(
-        max_epochs=sum(stage["epochs"] for stage in finetune["stages"]),
+        max_epochs=sum(stage["epochs"] for stage in module.stages),
         accelerator=config.trainer.accelerator, devices=config.trainer.devices,
         num_nodes=config.trainer.num_nodes, strategy=config.trainer.strategy, precision=config.trainer.precision,
         callbacks=[
-            StagedFinetuning(finetune["stages"], finetune["min_lr_ratio"]),
+            StagedFinetuning(),
             best,
             EarlyStopping(monitor=metric.monitor, mode=metric.mode, patience=config.trainer.early_stopping_patience),
             LearningRateMonitor(logging_interval="step"),
@@ -259,25 +301,6 @@ def _oof_views(run_dir: RunDir, folds: int, order: pd.Series) -> tuple[list[str]
     return views, np.concatenate(parts, axis=1)[:, position.loc[order.to_numpy()].to_numpy()]
 
 
-def choose_tta(config: DictConfig, metric, target: np.ndarray, views: list[str], outputs: np.ndarray,
-               ) -> tuple[str, dict[str, float], dict[str, np.ndarray]]:
-    """Each listed policy (and the configured one) merged and scored on OOF; the chosen policy is the
-    configured one, or with `auto` the best on OOF (the first listed among equals: the cheaper)."""
-    tta = config.tta
-    policies = list(dict.fromkeys([*tta.policies, *([] if tta.policy == "auto" else [tta.policy])]))
-    missing = sorted({view for policy in policies for view in policy_views(policy, tta)} - set(views))
-    if missing:
-        raise LabelcompError(f"OOF predictions lack the TTA views {missing}; list their policies in tta.policies "
-                             "before training, or choose a policy whose views were predicted")
-    proba = {policy: merge_views(outputs[[views.index(view) for view in policy_views(policy, tta)]], tta.merge)
-             for policy in policies}
-    scores = {policy: metric.score(target, proba[policy]) for policy in policies}
-    if tta.policy != "auto":
-        return tta.policy, scores, proba
-    best = max if metric.mode == "max" else min
-    return best(policies, key=lambda policy: scores[policy]), scores, proba
-
-
 def _git_commit() -> str | None:
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
@@ -310,7 +333,8 @@ def write_scores(run_dir: RunDir, competition: Competition, config: DictConfig) 
     plain = pd.concat([pd.read_csv(run_dir.fold_oof(fold), dtype={"id": str}) for fold in range(config.cv.folds)])
     plain = plain.set_index("id").loc[order].reset_index()
     target = plain["label"].map(index).to_numpy()
-    policy, policy_scores, policy_proba = choose_tta(config, metric, target, *_oof_views(run_dir, config.cv.folds, order))
+    policy, policy_scores, policy_proba = choose_policy(config.tta, metric, target,
+                                                        *_oof_views(run_dir, config.cv.folds, order))
     tta = plain.copy()
     tta[competition.labels] = policy_proba[policy]
     write_csv_atomic(plain, run_dir.oof)
@@ -332,21 +356,10 @@ def write_scores(run_dir: RunDir, competition: Competition, config: DictConfig) 
         "cv_mean": float(fold_scores.mean()), "cv_std": float(fold_scores.std(ddof=1)),
         "oof_score": evaluate(plain, metric.score), "oof_tta_score": evaluate(tta, metric.score),
         "tta": {"policy": policy, "chosen_by": "oof" if config.tta.policy == "auto" else "config",
-                "merge": config.tta.merge, "oof_scores": policy_scores},
+                "merge": str(config.tta.merge), "oof_scores": policy_scores},
         "oof_loss": evaluate(plain, multiclass_log_loss),
         "finished_at": datetime.now().isoformat(timespec="seconds"),
         "versions": _versions(), "git_commit": _git_commit(),
     }
     write_text_atomic(run_dir.scores, json.dumps(scores, indent=2) + "\n")
     return scores
-
-
-def run_row(run_dir: RunDir, config: DictConfig, scores: dict[str, Any]) -> dict[str, Any]:
-    row = {
-        "run_id": run_dir.run_id, "created_at": scores["finished_at"], "experiment": config.experiment,
-        "backbone": config.model.name, "metric": scores["metric"], "n_folds": len(scores["folds"]),
-        "cv_mean": scores["cv_mean"], "cv_std": scores["cv_std"],
-        "oof_score": scores["oof_score"], "oof_tta_score": scores["oof_tta_score"],
-    }
-    row.update({f"fold_{fold['fold']}": fold["score"] for fold in scores["folds"]})
-    return row
