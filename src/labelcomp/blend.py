@@ -22,14 +22,14 @@ from labelcomp.config import load_config
 from labelcomp.errors import LabelcompError
 from labelcomp.ensemble import cross_fitted_score, fit_blend_weights
 from labelcomp.metrics import METRICS, Metric, multiclass_log_loss
-from labelcomp.runs import RunDir, claim_name, find_run, write_text_atomic
+from labelcomp.runs import RunDir, claim_name, find_run, read_table, write_text_atomic
 from labelcomp.submit import predict_run_test, test_proba_path, write_submission, write_test_proba
 
 _logger = logging.getLogger(__name__)
 
 
 def _read_oof(runs: list[RunDir], competition: Competition) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    frames = [pd.read_csv(run.oof_tta, dtype={"id": str}) for run in runs]
+    frames = [read_table(run.oof_tta) for run in runs]
     order = frames[0]["id"]
     aligned = []
     for run, frame in zip(runs, frames):
@@ -49,7 +49,7 @@ def _test_proba(run: RunDir, run_config: DictConfig, test: pd.DataFrame, submiss
     """The run's saved test probabilities, or its fold models' predictions, then saved for next time."""
     path = test_proba_path(submissions, run.run_id)
     if path.is_file():
-        saved = pd.read_csv(path, dtype={"id": str})
+        saved = read_table(path)
         if saved["id"].equals(test["id"].astype(str).reset_index(drop=True)) and list(saved.columns[1:]) == labels:
             return saved[labels].to_numpy(dtype=float)
         _logger.info("%s does not match the current test split; predicting again", path)

@@ -70,6 +70,10 @@ def check_competition(folder: str | Path) -> CheckReport:
         empty = counts[counts == 0]
         if not empty.empty:
             report.problems.append(f"classes without training images: {list(empty.index)}")
+        single = counts[counts == 1]
+        if not single.empty:  # k-fold needs at least as many images per class as folds, 2 at the least
+            report.problems.append(f"classes with a single training image: {list(single.index)}; k-fold "
+                                   "cross-validation needs at least cv.folds images per class (2 at the least)")
         if counts.min() < 5:
             report.lines.append(f"smallest class: {counts.idxmin()} with {counts.min()} images (cv.folds must not exceed it)")
         train_images = survey(train["path"].tolist())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from labelcomp.errors import LabelcompError
@@ -218,8 +219,23 @@ COMMANDS = {"train": _train, "submit": _submit, "compare": _compare, "probe": _p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after options: `labelcomp lb RUN 0.81 --config C key=value`
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Lightning answers Ctrl-C inside a fit with a graceful shutdown and exit(1); noting the signal
+    # lets the interruption end as one, with its line and exit code 130
+    interrupted = []
+
+    def on_interrupt(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         return COMMANDS[args.command](args) or 0
     except LabelcompError as error:
@@ -228,6 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("labelcomp: interrupted", file=sys.stderr)
         return 130
+    except SystemExit:
+        if not interrupted:
+            raise
+        print("labelcomp: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

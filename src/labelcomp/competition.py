@@ -6,6 +6,7 @@ shape of the sample submission (header or none, separator, order, line endings).
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 from dataclasses import dataclass, field
@@ -69,6 +70,44 @@ class SubmissionSpec:
     label_format: LabelFormat = LabelFormat["name"]
 
 
+# tried in turn on a table without a configured encoding: UTF-8 (with or without BOM), then the
+# Shift-JIS of Japanese competitions (cp932, its Windows superset), then Western Windows text
+ENCODINGS = ("utf-8-sig", "cp932", "cp1252")
+
+
+def text_encoding(path: Path) -> str:
+    """The first of ENCODINGS that decodes the whole file."""
+    data = path.read_bytes()
+    for encoding in ENCODINGS:
+        try:
+            data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        return encoding
+    raise LabelcompError(f"{path}: cannot be decoded as text ({', '.join(ENCODINGS)} tried); save it as UTF-8, or "
+                         "set 'encoding' in competition.yaml")
+
+
+def read_text_table(path: Path, sep: str, header: bool, encoding: str | None) -> pd.DataFrame:
+    """A competition table as strings, exactly as written (no NA guessing). Blank lines are dropped, and
+    the index is each row's line number in the file, for messages."""
+    encoding = encoding or text_encoding(path)
+    try:
+        # index_col=False: rows ending in a separator the header lacks are not shifted into an index
+        table = pd.read_csv(path, sep=sep, header=0 if header else None, dtype=str, keep_default_na=False,
+                            skip_blank_lines=False, index_col=False, encoding=encoding)
+    except pd.errors.EmptyDataError:
+        raise LabelcompError(f"{path}: the file is empty; expected a table with a header line and rows") from None
+    except UnicodeDecodeError:
+        raise LabelcompError(f"{path}: cannot be decoded as {encoding}; save it as UTF-8, or set 'encoding' in "
+                             "competition.yaml") from None
+    except pd.errors.ParserError as error:
+        raise LabelcompError(f"{path}: cannot be read as a table separated by {sep!r} ({error})") from None
+    table.columns = [str(column) for column in table.columns]
+    table.index = table.index + (2 if header else 1)
+    return table[~(table == "").all(axis=1)]
+
+
 @dataclass
 class CompetitionSpec:
     name: str = "???"
@@ -79,6 +118,8 @@ class CompetitionSpec:
     train: TrainSpec = field(default_factory=TrainSpec)
     test: TestSpec = field(default_factory=TestSpec)
     submission: SubmissionSpec = field(default_factory=SubmissionSpec)
+    # of every table, e.g. cp932 (Shift-JIS); null: detected (ENCODINGS). The submission is written in it
+    encoding: Optional[str] = None
 
 
 class ImageIndex:
@@ -189,14 +230,7 @@ class Competition:
         path = self.root / name
         if not path.is_file():
             raise LabelcompError(f"{path}: file not found; check '{key}' in {self.spec_path}")
-        try:
-            table = pd.read_csv(path, sep=sep, header=0 if header else None, dtype=str, keep_default_na=False)
-        except pd.errors.EmptyDataError:
-            raise LabelcompError(f"{path}: the file is empty; expected a table with a header line and rows") from None
-        except (pd.errors.ParserError, UnicodeDecodeError) as error:
-            raise LabelcompError(f"{path}: cannot be read as a table separated by {sep!r} ({error})") from None
-        if not header:
-            table.columns = [str(column) for column in table.columns]
+        table = read_text_table(path, sep, header, self.spec.encoding)
         if len(table.columns) == 1:
             found = [name for other, name in SEPARATORS.items() if other != sep and other in str(table.columns[0])]
             if found:
@@ -216,12 +250,12 @@ class Competition:
         return table
 
     @staticmethod
-    def _check_unique(table: pd.DataFrame, column: str, path: Path, first_line: int) -> None:
+    def _check_unique(table: pd.DataFrame, column: str, path: Path) -> None:
         duplicated = table[column].duplicated()
         if duplicated.any():
             row = int(np.flatnonzero(duplicated)[0])
             raise LabelcompError(
-                f"{path}: line {row + first_line}: id '{table[column].iloc[row]}' appears more than once "
+                f"{path}: line {table.index[row]}: id '{table[column].iloc[row]}' appears more than once "
                 f"({int(duplicated.sum())} repeated ids); ids must be unique"
             )
 
@@ -249,13 +283,13 @@ class Competition:
         path = self.root / spec.csv
         required = [spec.id_column, spec.label_column] + ([spec.group_column] if spec.group_column else [])
         table = self._read_table(spec.csv, spec.sep, True, required, "train.csv")
-        self._check_unique(table, spec.id_column, path, first_line=2)
+        self._check_unique(table, spec.id_column, path)
         written = table[spec.label_column].str.strip()
         blank = written == ""
         if blank.any():
             row = int(np.flatnonzero(blank)[0])
             raise LabelcompError(
-                f"{path}: line {row + 2}, column '{spec.label_column}': blank label ({int(blank.sum())} such rows); "
+                f"{path}: line {table.index[row]}, column '{spec.label_column}': blank label ({int(blank.sum())} such rows); "
                 "every training image needs a label: fill or remove the rows"
             )
         index = self._class_index(spec.label_format)
@@ -264,7 +298,7 @@ class Competition:
             row = int(np.flatnonzero(unknown)[0])
             known, key = ("label list", "labels") if spec.label_format == "name" else ("label ids", "label_ids")
             raise LabelcompError(
-                f"{path}: line {row + 2}, column '{spec.label_column}': label '{written.iloc[row]}' is not in the "
+                f"{path}: line {table.index[row]}, column '{spec.label_column}': label '{written.iloc[row]}' is not in the "
                 f"competition's {known} ({int(unknown.sum())} such rows); add it to '{key}' in {self.spec_path} "
                 "or fix the rows"
             )
@@ -275,8 +309,8 @@ class Competition:
             "label": target.map(dict(enumerate(self.labels))), "target": target,
         })
         if spec.group_column:
-            frame["group"] = table[spec.group_column].to_numpy()
-        return frame
+            frame["group"] = table[spec.group_column].str.strip().to_numpy()
+        return frame.reset_index(drop=True)
 
     def _read_train_folders(self) -> pd.DataFrame:
         folder = self.root / self.spec.train.images
@@ -307,7 +341,7 @@ class Competition:
             return None
         sample = self._read_table(spec.sample, spec.sep, spec.header, [spec.id_column, spec.label_column],
                                   "submission.sample")
-        self._check_unique(sample, spec.id_column, self.root / spec.sample, first_line=2 if spec.header else 1)
+        self._check_unique(sample, spec.id_column, self.root / spec.sample)
         return sample
 
     def read_test(self) -> pd.DataFrame:
@@ -318,7 +352,7 @@ class Competition:
         table_path = self.root / (spec.csv or self.spec.submission.sample or spec.images)
         if spec.csv is not None:
             table = self._read_table(spec.csv, spec.sep, True, [spec.id_column], "test.csv")
-            self._check_unique(table, spec.id_column, table_path, first_line=2)
+            self._check_unique(table, spec.id_column, table_path)
             test_ids = table[spec.id_column].str.strip()
             if sample_ids is not None:
                 only_test = sorted(set(test_ids) - set(sample_ids))
@@ -344,7 +378,7 @@ class Competition:
 
     def write_submission(self, ids: pd.Series, proba: np.ndarray, path: Path) -> None:
         """Fill the sample submission's label column from `proba` and write it atomically in the sample's
-        exact shape (header or none, separator, line endings), once the predicted ids are the sample's."""
+        exact shape (header or none, separator, line endings, encoding), once the predicted ids are the sample's."""
         spec = self.spec.submission
         predicted = proba.argmax(axis=1)
         written = self.labels if spec.label_format == "name" else self.label_ids
@@ -352,6 +386,7 @@ class Competition:
         if sample is None:
             submission = pd.DataFrame({"id": list(ids), "label": [written[i] for i in predicted]})
             text = submission.to_csv(index=False, sep=spec.sep, lineterminator="\n")
+            encoding = self.spec.encoding or "utf-8"
         else:
             if list(sample[spec.id_column].str.strip()) != [str(i) for i in ids]:
                 raise LabelcompError(
@@ -363,6 +398,14 @@ class Competition:
             sample_path = self.root / spec.sample
             ending = line_ending(sample_path)
             text = submission.to_csv(index=False, header=spec.header, sep=spec.sep, lineterminator=ending)
-            if not sample_path.read_bytes().endswith(ending.encode()):
+            data = sample_path.read_bytes()
+            if not data.endswith(ending.encode()):
                 text = text[: -len(ending)]
-        write_text_atomic(path, text)
+            encoding = self.spec.encoding or text_encoding(sample_path)
+            if encoding == "utf-8-sig" and not data.startswith(codecs.BOM_UTF8):
+                encoding = "utf-8"  # as the sample: no byte-order mark
+        try:
+            write_text_atomic(path, text.encode(encoding))
+        except UnicodeEncodeError as error:
+            raise LabelcompError(f"{path}: label '{error.object[error.start:error.end]}' cannot be written in the "
+                                 f"sample submission's encoding {encoding}; set 'encoding' in {self.spec_path}") from None

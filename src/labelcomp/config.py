@@ -276,6 +276,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             config = OmegaConf.merge(config, OmegaConf.from_dotlist(overrides))
         OmegaConf.to_container(config, resolve=True)
         _check_ranges(config, source)
+        _check_paths(config, source)
     except (ConfigKeyError, ValidationError) as error:
         raise LabelcompError(_describe(error, source)) from None
     except OmegaConfBaseException as error:
@@ -305,6 +306,14 @@ def _check_ranges(config: DictConfig, source: str) -> None:
         if not test(value):
             shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
             raise LabelcompError(f"{source}: bad value for config key '{key}': {shown}; expected {expected}")
+
+
+def _check_paths(config: DictConfig, source: str) -> None:
+    for key in ("paths.runs", "paths.submissions"):
+        path = Path(OmegaConf.select(config, key))
+        if path.exists() and not path.is_dir():
+            raise LabelcompError(f"{source}: config key '{key}' is {path}, a file; expected a folder (it is created "
+                                 "when missing)")
 
 
 def _describe(error: OmegaConfBaseException, source: str) -> str:

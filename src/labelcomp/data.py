@@ -21,8 +21,11 @@ from labelcomp.errors import LabelcompError
 def read_image(path: str) -> np.ndarray:
     """RGB uint8 array of shape (H, W, 3), the same for train and test whatever the file holds:
     grayscale, palette and 16-bit images are converted, alpha dropped, EXIF orientation applied."""
-    with open(path, "rb") as stream:
-        data = stream.read()
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read()
+    except OSError as error:  # a dangling link, a folder, no permission
+        raise LabelcompError(f"{path}: cannot be opened ({error.strerror}); replace or remove it") from None
     if not data:
         raise LabelcompError(f"{path}: empty image file; replace or remove it")
     # libjpeg decodes a cut-off JPEG with a grey bottom and only a warning; its end marker tells

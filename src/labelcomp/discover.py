@@ -14,7 +14,7 @@ from typing import Any, Optional
 import pandas as pd
 import yaml
 
-from labelcomp.competition import IMAGE_EXTENSIONS, SEPARATORS, ImageIndex
+from labelcomp.competition import IMAGE_EXTENSIONS, SEPARATORS, ImageIndex, read_text_table, text_encoding
 from labelcomp.errors import LabelcompError
 from labelcomp.runs import write_text_atomic
 
@@ -23,7 +23,7 @@ LABEL_WORDS = ("label", "class", "category", "target", "y")
 
 
 def _guess_sep(path: Path) -> str:
-    with open(path, encoding="utf-8", errors="replace") as stream:
+    with open(path, encoding=text_encoding(path)) as stream:
         first = stream.readline()
     return max(SEPARATORS, key=first.count) if any(sep in first for sep in SEPARATORS) else ","
 
@@ -49,6 +49,7 @@ class _Guess:
     def __init__(self, root: Path):
         self.root = root
         self.notes: list[str] = []
+        self.encodings: set[str] = set()  # of the tables read, where not UTF-8
         self.tables = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES)
         self.indexes = {folder: ImageIndex(folder) for folder in _image_folders(root)}
 
@@ -63,10 +64,11 @@ class _Guess:
         return None
 
     def read(self, path: Path, header: bool = True) -> tuple[pd.DataFrame, str]:
+        encoding = text_encoding(path)
+        if encoding != "utf-8-sig":
+            self.encodings.add(encoding)
         sep = _guess_sep(path)
-        table = pd.read_csv(path, sep=sep, header=0 if header else None, dtype=str, keep_default_na=False)
-        table.columns = [str(column) for column in table.columns]
-        return table, sep
+        return read_text_table(path, sep, header, encoding), sep
 
     def folder_of(self, ids: pd.Series, exclude: Optional[Path] = None) -> tuple[Optional[Path], float]:
         """The image folder where most of `ids` are found, and that share."""
@@ -207,6 +209,9 @@ def discover(root: str | Path) -> tuple[dict[str, Any], list[str]]:
     train_folder = root / spec["train"]["images"]
     spec["submission"], sample_folder = _submission(guess, spec["labels"], bool(id_to_name), train_folder)
     spec["test"] = _test(guess, spec["submission"]["sample"] is not None, sample_folder, train_folder)
+    if guess.encodings:
+        spec["encoding"] = sorted(guess.encodings)[0]
+        guess.note(f"encoding: {spec['encoding']} (the tables are not UTF-8; the submission is written in it too)")
     return spec, guess.notes
 
 

@@ -6,6 +6,7 @@ column or by having identical pixels, so that no image is validated on a copy of
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import numpy as np
@@ -16,11 +17,16 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from labelcomp.errors import LabelcompError
 
+_logger = logging.getLogger(__name__)
+
 
 def fold_groups(train: pd.DataFrame, duplicate_sets: list[list[int]]) -> Optional[np.ndarray]:
     """A group number per row, joining rows with the same `group` value or identical pixels;
     None when every row stands alone."""
-    by_group = list(train.reset_index(drop=True).groupby("group").indices.values()) if "group" in train else []
+    # a blank group value means no group: the row stands alone
+    grouped = train.reset_index(drop=True)
+    by_group = ([list(rows) for rows in grouped[grouped["group"] != ""].groupby("group").groups.values()]
+                if "group" in train else [])
     ties = [list(tie) for tie in by_group + duplicate_sets if len(tie) > 1]
     if not ties:
         return None
@@ -31,12 +37,14 @@ def fold_groups(train: pd.DataFrame, duplicate_sets: list[list[int]]) -> Optiona
 
 
 def assign_folds(
-    train: pd.DataFrame, n_folds: int, seed: int, groups: Optional[np.ndarray] = None, source: str = "train"
+    train: pd.DataFrame, n_folds: int, seed: int, groups: Optional[np.ndarray] = None, source: str = "train",
+    classes: Optional[list[str]] = None,
 ) -> pd.DataFrame:
     """Columns id, label, fold; every class spread over every fold, the same for the same seed."""
     if n_folds < 2:
         raise LabelcompError(f"cv.folds is {n_folds}; k-fold cross-validation needs at least 2 folds")
-    counts = train["label"].value_counts()
+    # every class of the competition: one without images is as short as can be
+    counts = train["label"].value_counts().reindex(classes if classes is not None else None, fill_value=0)
     too_small = counts[counts < n_folds]
     if not too_small.empty:
         raise LabelcompError(
@@ -54,4 +62,10 @@ def assign_folds(
             np.zeros(len(train)), train["target"], groups)
     for k, (_, held_out) in enumerate(splits):
         fold[held_out] = k
-    return pd.DataFrame({"id": train["id"].to_numpy(), "label": train["label"].to_numpy(), "fold": fold})
+    folds = pd.DataFrame({"id": train["id"].to_numpy(), "label": train["label"].to_numpy(), "fold": fold})
+    missing = {k: sorted(set(counts.index) - set(folds.loc[folds["fold"] == k, "label"])) for k in range(n_folds)}
+    for k, labels in missing.items():
+        if labels:
+            _logger.warning("fold %d validates no image of %d classes (%s): groups of images tie them to other "
+                            "folds; its score leaves them out", k, len(labels), ", ".join(labels[:10]))
+    return folds

@@ -5,6 +5,7 @@ One row per run, updated when a submission or a leaderboard score is added.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,16 @@ def _fold_columns(columns) -> list[str]:
 
 
 def read_history(path: Path) -> pd.DataFrame:
-    if not path.is_file():
+    """The history's rows; a damaged file (a hand edit, a foreign tool) is one error naming its line,
+    and is never overwritten."""
+    if not path.is_file() or path.stat().st_size == 0:
         return pd.DataFrame(columns=LEAD_COLUMNS + TRAIL_COLUMNS)
-    return pd.read_csv(path, dtype={"run_id": str, "submission": str, "notes": str})
+    try:
+        return pd.read_csv(path, dtype={"run_id": str, "submission": str, "notes": str})
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        reason = str(error).strip().splitlines()[-1].removeprefix("Error tokenizing data. C error: ")
+        raise LabelcompError(f"{path}: damaged ({reason}); labelcomp leaves it as it is: fix or remove that line "
+                             "in a text editor.") from None
 
 
 def _upsert(path: Path, run_id: str, fields: dict[str, Any]) -> None:
@@ -76,17 +84,31 @@ def record_run(path: Path, row: dict[str, Any]) -> None:
     _upsert(path, row["run_id"], fields)
 
 
+def record_scores(path: Path, run_id: str, experiment: str, backbone: str, scores: dict[str, Any]) -> None:
+    """A finished run's row, from its scores.json."""
+    record_run(path, run_row(
+        run_id, experiment=experiment, backbone=backbone, metric=scores["metric"], created_at=scores["finished_at"],
+        fold_scores=[fold["score"] for fold in scores["folds"]], oof_score=scores["oof_score"],
+        oof_tta_score=scores["oof_tta_score"]))
+
+
+def is_recorded(path: Path, run_id: str) -> bool:
+    return run_id in set(read_history(path)["run_id"])
+
+
 def record_submission(path: Path, run_id: str, submission: str) -> None:
     _upsert(path, run_id, {"submission": submission})
 
 
 def _known_run(path: Path, run_id: str) -> None:
-    if run_id not in set(read_history(path)["run_id"]):
+    if not is_recorded(path, run_id):
         raise LabelcompError(f"{path}: no run '{run_id}'; `make compare` lists the recorded runs")
 
 
 def record_lb(path: Path, run_id: str, score: float) -> None:
     """The leaderboard score the competition gave the run's submission."""
+    if not math.isfinite(score):
+        raise LabelcompError(f"leaderboard score {score}: expected a finite number, e.g. 0.8123")
     _known_run(path, run_id)
     _upsert(path, run_id, {"lb_score": score})
 

@@ -100,7 +100,8 @@ def build_model(model: DictConfig, num_classes: int, load_weights: bool = True) 
             pretrained_cfg_overlay=overlay, **OmegaConf.to_container(model.kwargs, resolve=True),
         )
     except (OSError, RuntimeError) as error:
-        raise LabelcompError(f"model '{model.name}': cannot load pretrained weights ({error})") from None
+        reason = " ".join(str(error).split())  # torch lists missing keys over several lines
+        raise LabelcompError(f"model '{model.name}': cannot load pretrained weights ({reason[:300]})") from None
     if model.zero_init_head:
         head = net.get_classifier()
         nn.init.zeros_(head.weight)

@@ -22,7 +22,7 @@ from labelcomp.predict import predict_views
 from labelcomp.resolve import resolve_config
 from labelcomp.runs import RunDir
 from labelcomp.submit import write_submission
-from labelcomp.train import open_run, read_data, record_run, split_folds, write_oof, write_scores
+from labelcomp.train import finish_run, open_run, read_data, split_folds, write_oof
 from labelcomp.tta import policy_views, scored_views
 
 _logger = logging.getLogger(__name__)
@@ -70,8 +70,7 @@ def run_probe(config: DictConfig) -> tuple[RunDir, dict[str, Any]]:
         oof = np.stack([_class_log_proba(classifier, view[held_out], competition.num_classes) for view in train_views])
         write_oof(run_dir, competition, train[held_out], fold, oof, views)
         test_outputs.append(np.stack([_class_log_proba(classifier, view, competition.num_classes) for view in test_views]))
-    scores = write_scores(run_dir, competition, probe)
-    record_run(run_dir, probe, scores)
+    scores = finish_run(run_dir, competition, probe)
     chosen = [views.index(view) for view in policy_views(scores["tta"]["policy"], probe.tta)]
     test_proba = fold_average((outputs[chosen] for outputs in test_outputs), run_fold_weights(scores, probe.ensemble),
                               probe.tta.merge)

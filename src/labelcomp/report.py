@@ -22,7 +22,7 @@ from labelcomp.config import load_config
 from labelcomp.data import normalize, read_image
 from labelcomp.history import fold_table
 from labelcomp.predict import load_classifier
-from labelcomp.runs import RunDir, find_run, write_figure_atomic, write_text_atomic
+from labelcomp.runs import RunDir, find_run, read_table, write_figure_atomic, write_text_atomic
 
 GRID = 12
 GRAD_CAM = 4
@@ -77,7 +77,7 @@ def write_report(config: DictConfig, run_id: str | None = None) -> Path:
     competition = Competition.load(run_config.competition)
     paths = dict(zip(*competition.read_train()[["id", "path"]].T.values))
     scores = json.loads(run.scores.read_text())
-    oof = pd.read_csv(run.oof_tta, dtype={"id": str})
+    oof = read_table(run.oof_tta)
     labels = competition.labels
     proba = oof[labels].to_numpy()
     oof["predicted"] = [labels[i] for i in proba.argmax(1)]

@@ -21,8 +21,11 @@ from labelcomp.errors import LabelcompError
 def write_text_atomic(path: Path, data: str | bytes) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see half a file.
     Text is written as UTF-8 exactly as given (no newline translation)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise _unwritable(path, error) from None
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data.encode() if isinstance(data, str) else data)
@@ -31,9 +34,19 @@ def write_text_atomic(path: Path, data: str | bytes) -> None:
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise _unwritable(path, error) from None
         raise
+
+
+def _unwritable(path: Path, error: OSError) -> LabelcompError:
+    """A write that failed (disk full, no permission, a file where a folder should be) as one line."""
+    return LabelcompError(
+        f"{path}: could not be written ({error.strerror}); what was there before is unchanged. Free space or fix "
+        "the path, then run the command again: `labelcomp train --resume RUN` continues a run where it stopped"
+    )
 
 
 def write_figure_atomic(figure, path: Path, dpi: int = 100) -> None:
@@ -43,6 +56,12 @@ def write_figure_atomic(figure, path: Path, dpi: int = 100) -> None:
     if "matplotlib.pyplot" in sys.modules:
         sys.modules["matplotlib.pyplot"].close(figure)
     write_text_atomic(path, image.getvalue())
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A CSV that labelcomp wrote (folds, OOF, test probabilities): ids and labels stay the strings they
+    were, whatever they look like ("01", "1.0", "NA", "None"); the other columns are numbers."""
+    return pd.read_csv(path, dtype={"id": str, "label": str}, keep_default_na=False)
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: Path, **to_csv_args) -> None:
@@ -119,6 +138,14 @@ def claim_name(prefix: str, create: Callable[[str], None]) -> str:
     raise LabelcompError(f"could not find a free name for a new '{prefix}'")
 
 
+def check_run_id(run_id: str) -> str:
+    """A run id is a folder name under `<paths.runs>/<experiment>/`, never a path."""
+    if not run_id or run_id in (".", "..") or any(character in run_id for character in "/\\\0"):
+        raise LabelcompError(f"run id {run_id!r}: expected a name (letters, digits, '-', '_', '.'), not a path; "
+                             "runs live under paths.runs/<experiment>/")
+    return run_id
+
+
 def new_run(runs_root: str | Path, experiment: str) -> RunDir:
     """A fresh folder `<runs_root>/<experiment>/<experiment>-<local time>`."""
     parent = Path(runs_root) / experiment
@@ -130,6 +157,7 @@ def find_run(runs_root: str | Path, experiment: str, run_id: str | None = None, 
     """The named run, or the latest finished run (one with scores.json) of the experiment."""
     parent = Path(runs_root) / experiment
     if run_id:
+        check_run_id(run_id)
         for candidate in (parent / run_id, *Path(runs_root).glob(f"*/{run_id}")):
             if (candidate / "config.yaml").is_file():
                 if finished and not (candidate / "scores.json").is_file():

@@ -34,6 +34,10 @@ def submit(config: DictConfig, run_id: str | None = None, overrides: list[str] |
     keep_recorded_choices(run_config, load_config(run.config))  # overrides may say auto again
     competition = Competition.load(run_config.competition)
     test = competition.read_test()
+    history_file = history.history_path(run_config.paths.submissions)
+    if not history.is_recorded(history_file, run.run_id):  # its training stopped before recording it
+        history.record_scores(history_file, run.run_id, run_config.experiment, run_config.model.name,
+                              json.loads(run.scores.read_text()))
     proba = predict_run_test(run, run_config, test)
     return write_submission(competition, run.run_id, test["id"], proba, Path(run_config.paths.submissions))
 

@@ -1,7 +1,7 @@
 """The k-fold loop: per fold build data, model and callbacks, fit, predict OOF; then scores and history.
 
 `run` is made of `read_data`, `resolve_config` (resolve.py), `fit_fold`, `predict_oof` and
-`write_scores`, each usable alone.
+`finish_run`, each usable alone.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from labelcomp.metrics import METRICS, multiclass_log_loss
 from labelcomp.model import ClassifierModule
 from labelcomp.predict import load_classifier, predict_views
 from labelcomp.resolve import resolve_config
-from labelcomp.runs import RunDir, new_run, write_csv_atomic, write_text_atomic
+from labelcomp.runs import RunDir, check_run_id, new_run, read_table, write_csv_atomic, write_text_atomic
 from labelcomp.survey import check_images, fingerprint
 from labelcomp.tta import choose_policy, merge_views, scored_views
 
@@ -88,7 +88,8 @@ def _recorded_duplicates(run_dir: RunDir, stamp: str, train: pd.DataFrame) -> li
 def split_folds(config: DictConfig, data: RunData) -> pd.DataFrame:
     spec = data.competition.spec.train
     source = str(data.competition.root / (spec.csv or spec.images))
-    return assign_folds(data.train, config.cv.folds, config.seed, fold_groups(data.train, data.duplicates), source)
+    return assign_folds(data.train, config.cv.folds, config.seed, fold_groups(data.train, data.duplicates), source,
+                        data.competition.labels)
 
 
 def run(
@@ -103,6 +104,8 @@ def run(
         if not 0 <= fold < config.cv.folds:
             raise LabelcompError(f"--folds: fold {fold} does not exist; cv.folds is {config.cv.folds}")
     run_id = ranks.shared_run_id(config.experiment, run_id)
+    if run_id is not None:
+        check_run_id(run_id)
     if not ranks.is_global_zero():
         return _follow_run(config, run_id, folds_to_train), None
     known = RunDir(Path(config.paths.runs) / config.experiment / run_id) if run_id else None
@@ -128,15 +131,30 @@ def run(
             run_dir.last_checkpoint(fold).unlink(missing_ok=True)  # only needed to resume the fold
     if not all(run_dir.fold_oof(fold).exists() for fold in range(resolved.cv.folds)):
         return run_dir, None
+    return run_dir, finish_run(run_dir, data.competition, resolved)
+
+
+def finish_run(run_dir: RunDir, competition: Competition, config: DictConfig) -> dict[str, Any]:
+    """Score a run whose folds are all done, record it in the score history, and write scores.json
+    last: it marks the run finished. Fold jobs that end together find every fold done: the first
+    scores the run, the others take its scores (and make sure of the history row)."""
     with FileLock(str(run_dir.root / ".scores.lock")):
-        # fold jobs that end together find every fold done: the first scores the run, the others read it
         if run_dir.scores.exists() and run_dir.scores.stat().st_mtime_ns >= max(
-                run_dir.fold_oof(fold).stat().st_mtime_ns for fold in range(resolved.cv.folds)):
+                run_dir.fold_oof(fold).stat().st_mtime_ns for fold in range(config.cv.folds)):
             scores = json.loads(run_dir.scores.read_text())
-        else:
-            scores = write_scores(run_dir, data.competition, resolved)
-        record_run(run_dir, resolved, scores)
-    return run_dir, scores
+            record_run(run_dir, config, scores)
+            return scores
+        scores = score_run(run_dir, competition, config)
+        try:
+            record_run(run_dir, config, scores)
+        except LabelcompError as error:
+            # the finished run is kept: its scores are written, and the row can be added later
+            write_text_atomic(run_dir.scores, json.dumps(scores, indent=2) + "\n")
+            raise LabelcompError(f"run {run_dir.run_id} is scored ({run_dir.scores}) but not in the score history: "
+                                 f"{error} Once it is fixed, `labelcomp train --resume {run_dir.run_id}` or "
+                                 f"`labelcomp submit --run {run_dir.run_id}` records it") from None
+        write_text_atomic(run_dir.scores, json.dumps(scores, indent=2) + "\n")
+    return scores
 
 
 def _follow_run(config: DictConfig, run_id: str, folds_to_train: list[int]) -> RunDir:
@@ -146,7 +164,7 @@ def _follow_run(config: DictConfig, run_id: str, folds_to_train: list[int]) -> R
     ranks.wait_for(run_dir.folds)
     resolved = load_config(run_dir.config)
     data = read_data(resolved, run_dir)
-    folds = pd.read_csv(run_dir.folds, dtype={"id": str})
+    folds = read_table(run_dir.folds)
     for fold in folds_to_train:
         if not run_dir.fold_oof(fold).exists():
             fit_fold(resolved, data.competition, data.train, folds, fold, run_dir, data.cache)
@@ -155,10 +173,8 @@ def _follow_run(config: DictConfig, run_id: str, folds_to_train: list[int]) -> R
 
 def record_run(run_dir: RunDir, config: DictConfig, scores: dict[str, Any]) -> None:
     """The run's row in the score history."""
-    history.record_run(history.history_path(config.paths.submissions), history.run_row(
-        run_dir.run_id, experiment=config.experiment, backbone=config.model.name, metric=scores["metric"],
-        created_at=scores["finished_at"], fold_scores=[fold["score"] for fold in scores["folds"]],
-        oof_score=scores["oof_score"], oof_tta_score=scores["oof_tta_score"]))
+    history.record_scores(history.history_path(config.paths.submissions), run_dir.run_id, config.experiment,
+                          config.model.name, scores)
 
 
 def open_run(config: DictConfig, data: RunData, folds: pd.DataFrame,
@@ -173,7 +189,7 @@ def open_run(config: DictConfig, data: RunData, folds: pd.DataFrame,
         run_dir.root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(run_dir.root / ".setup.lock")):
         if run_dir.folds.exists():
-            saved = pd.read_csv(run_dir.folds, dtype={"id": str})
+            saved = read_table(run_dir.folds)
             if not (saved["id"].equals(folds["id"]) and saved["fold"].equals(folds["fold"])):
                 raise LabelcompError(
                     f"{run_dir.folds}: this run split the data differently; join it with the same config, "
@@ -324,13 +340,13 @@ def _fold_usage(run_dir: RunDir, fold: int) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def write_scores(run_dir: RunDir, competition: Competition, config: DictConfig) -> dict[str, Any]:
-    """Per-fold and CV scores from the folds' OOF files, every TTA policy's OOF score, and the run's
-    merged oof.csv / oof_tta.csv (the latter with the chosen policy)."""
+def score_run(run_dir: RunDir, competition: Competition, config: DictConfig) -> dict[str, Any]:
+    """Per-fold and CV scores from the folds' OOF files and every TTA policy's OOF score (the content
+    of scores.json), and the run's merged oof.csv / oof_tta.csv (the latter with the chosen policy)."""
     metric = METRICS[competition.spec.metric]
     index = {label: position for position, label in enumerate(competition.labels)}
-    order = pd.read_csv(run_dir.folds, dtype={"id": str})["id"]
-    plain = pd.concat([pd.read_csv(run_dir.fold_oof(fold), dtype={"id": str}) for fold in range(config.cv.folds)])
+    order = read_table(run_dir.folds)["id"]
+    plain = pd.concat([read_table(run_dir.fold_oof(fold)) for fold in range(config.cv.folds)])
     plain = plain.set_index("id").loc[order].reset_index()
     target = plain["label"].map(index).to_numpy()
     policy, policy_scores, policy_proba = choose_policy(config.tta, metric, target,
@@ -361,5 +377,4 @@ def write_scores(run_dir: RunDir, competition: Competition, config: DictConfig) 
         "finished_at": datetime.now().isoformat(timespec="seconds"),
         "versions": _versions(), "git_commit": _git_commit(),
     }
-    write_text_atomic(run_dir.scores, json.dumps(scores, indent=2) + "\n")
     return scores
