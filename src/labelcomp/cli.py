@@ -103,7 +103,14 @@ def _train(args: argparse.Namespace) -> None:
     from labelcomp.ranks import is_global_zero
     from labelcomp.train import run
 
-    run_dir, scores = run(config, run_id, folds)
+    logger = logging.getLogger("labelcomp")
+    level = logger.level
+    if not is_global_zero():
+        logger.setLevel(logging.WARNING)  # rank 0 tells how the run goes
+    try:
+        run_dir, scores = run(config, run_id, folds)
+    finally:
+        logger.setLevel(level)
     if not is_global_zero():
         return  # the job's rank 0 reports
     if scores is None:

@@ -62,7 +62,7 @@ def job_run_id(experiment: str) -> str | None:
     if isinstance(environment, SLURMEnvironment):
         return f"{experiment}-slurm{environment.job_id()}"
     rendezvous = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    return None if rendezvous == "none" else f"{experiment}-{rendezvous[:12]}"
+    return None if rendezvous == "none" else f"{experiment}-{rendezvous[:8]}"
 
 
 def shared_run_id(experiment: str, run_id: str | None) -> str | None:

@@ -147,13 +147,14 @@ def finish_run(run_dir: RunDir, competition: Competition, config: DictConfig) ->
         scores = score_run(run_dir, competition, config)
         try:
             record_run(run_dir, config, scores)
-        except LabelcompError as error:
-            # the finished run is kept: its scores are written, and the row can be added later
-            write_text_atomic(run_dir.scores, json.dumps(scores, indent=2) + "\n")
-            raise LabelcompError(f"run {run_dir.run_id} is scored ({run_dir.scores}) but not in the score history: "
-                                 f"{error} Once it is fixed, `labelcomp train --resume {run_dir.run_id}` or "
-                                 f"`labelcomp submit --run {run_dir.run_id}` records it") from None
+            unrecorded = None
+        except LabelcompError as error:  # the finished run is kept all the same; the row can come later
+            unrecorded = error
         write_text_atomic(run_dir.scores, json.dumps(scores, indent=2) + "\n")
+    if unrecorded is not None:
+        raise LabelcompError(f"run {run_dir.run_id} is scored ({run_dir.scores}) but not in the score history: "
+                             f"{unrecorded} Once it is fixed, `labelcomp train --resume {run_dir.run_id}` or "
+                             f"`labelcomp submit --run {run_dir.run_id}` records it")
     return scores
 
 
