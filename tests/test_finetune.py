@@ -223,6 +223,7 @@ def test_train_bn_trains_batchnorm_of_frozen_blocks_only():
     assert all(torch.equal(before[name], after[name]) for name in conv_names)
 
 
+@pytest.mark.slow
 def test_resumed_mid_stage_run_continues_with_the_right_stage_and_groups(tmp_path):
     """Stopped inside the top:2 stage and resumed from the checkpoint, a run ends exactly where an
     uninterrupted one does (cf. Lightning issue 6891: param groups lost on resume)."""

@@ -202,6 +202,7 @@ def test_tables_in_shift_jis_or_cp1252_are_read_and_the_submission_keeps_the_enc
     assert set(line.split(",")[1] for line in submission.splitlines()[1:]) <= set(names)
 
 
+@pytest.mark.slow
 def test_a_table_that_cannot_be_decoded_is_one_line_for_init_check_and_train(tmp_path, capsys):
     competition = make_competition(tmp_path / "tiny")
     (competition / "train.csv").write_bytes(b"image_id,label\n\x81\xff\x81,x\n")
@@ -242,6 +243,7 @@ def test_a_dangling_link_among_the_images_is_one_line_for_train_and_check(tmp_pa
     ("paths.runs=FILE", "'paths.runs' is"),
     ("paths.submissions=FILE", "'paths.submissions' is"),
 ])
+@pytest.mark.slow
 def test_config_values_no_run_can_use_are_one_line_and_leave_nothing(tmp_path, capsys, override, expected):
     competition = make_competition(tmp_path / "tiny")
     (tmp_path / "a_file").write_text("")

@@ -115,6 +115,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_malformed_competition(case, tmp_path, capfd):
     competition = make_competition(tmp_path / "download")

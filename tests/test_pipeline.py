@@ -202,6 +202,7 @@ def test_lr_find_saves_its_plot_and_prints_a_suggestion(tmp_path, capsys):
     assert "--stage 5: the config has stages 0 to 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_report_explains_a_run_with_plots(trained, capsys):
     assert main(["report", "--config", SMOKE, "--run", trained["run"].name, *trained["overrides"]]) == 0
     report = (trained["run"] / "report.md").read_text()

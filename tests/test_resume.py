@@ -55,6 +55,7 @@ def test_fold_jobs_in_parallel_processes_fill_one_run(tmp_path):
     assert list((tmp_path / "runs" / "smoke").iterdir()) == [run]
 
 
+@pytest.mark.slow
 def test_a_fold_job_with_other_folds_is_refused(tmp_path, capsys):
     competition = make_competition(tmp_path / "tiny")
     assert main(["train", "--config", SMOKE, "--run", "r", "--folds", "0", *tiny_overrides(tmp_path, competition)]) == 0
@@ -64,6 +65,7 @@ def test_a_fold_job_with_other_folds_is_refused(tmp_path, capsys):
     assert "split the data differently" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_fold_job_reuses_what_the_run_recorded_instead_of_surveying_and_measuring_again(tmp_path, monkeypatch):
     from labelcomp import speed, train
     from labelcomp.config import load_config
