@@ -140,10 +140,18 @@ def test_same_config_and_seed_give_the_same_folds_and_scores(trained):
 
 @pytest.mark.slow
 def test_smoke_config_trains_the_full_demo_from_the_command_line(tmp_path):
-    """`make train CONFIG=configs/smoke.yaml` as a reviewer runs it, with outputs redirected."""
+    """`make train CONFIG=configs/smoke.yaml` as a reviewer runs it, with outputs redirected; the speed
+    cache already knows the config (the speed tests measure; here it would cost a minute of bf16 steps)."""
+    from labelcomp.config import load_config
+    from labelcomp.hardware import device_of, speed_key
+
+    overrides = [f"paths.runs={tmp_path / 'runs'}", f"paths.submissions={tmp_path / 'submissions'}"]
+    key = speed_key(load_config(SMOKE, overrides), device_of("auto"))
+    rows = [{"precision": "32-true", "channels_last": layout, "images_per_s": 100.0 + layout} for layout in (0, 1)]
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / ".speed.json").write_text(json.dumps({key: rows}))
     result = subprocess.run(
-        [sys.executable, "-m", "labelcomp.cli", "train", "--config", SMOKE, f"paths.runs={tmp_path / 'runs'}",
-         f"paths.submissions={tmp_path / 'submissions'}", "trainer.progress_bar=false"],
+        [sys.executable, "-m", "labelcomp.cli", "train", "--config", SMOKE, *overrides, "trainer.progress_bar=false"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
