@@ -108,7 +108,7 @@ def test_a_run_stopped_before_its_history_row_is_recorded_by_submit_or_resume(tm
 def test_a_run_id_is_a_name_not_a_path(tmp_path, capsys, option, run_id):
     competition = make_competition(tmp_path / "tiny")
     assert _train(tmp_path, competition, option, run_id, "--folds", "0") == 2
-    assert "not a path" in _one_error_line(capsys) or option == "--resume"
+    assert "not a path" in _one_error_line(capsys)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "escaped").exists()
     assert not os.path.exists("/tmp/abs_run")
 

@@ -7,6 +7,7 @@ and give new groups their lr.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -100,7 +101,7 @@ class StagePlan:
     min_lr_ratio: float
     n_groups: int
 
-    @property
+    @functools.cached_property  # read at every step for every param group
     def first_epochs(self) -> list[int]:
         return [sum(stage["epochs"] for stage in self.stages[:index]) for index in range(len(self.stages))]
 
