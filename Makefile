@@ -7,7 +7,7 @@ ARGS ?=
 RUN ?=
 RUNS ?=
 
-.PHONY: train submit compare test test-fast bench finetune-study scaling-study quality-study ablation-study clean
+.PHONY: train submit compare test test-fast bench photos-bench finetune-study scaling-study quality-study photos-study ablation-study clean
 
 # reinstalls whenever pyproject.toml (the dependencies) changes
 $(VENV)/.installed: pyproject.toml
@@ -36,6 +36,13 @@ test-fast: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/labelcomp bench --config $(CONFIG) $(ARGS)
 
+# benchmark, not a test: make bench on the shared clothing photos at 224 px (needs ../shared; skips without it)
+PHOTOS_COMPETITION := runs/clothing-photos
+photos-bench: $(VENV)/.installed
+	$(BIN)/python tools/photos_study.py --competition $(PHOTOS_COMPETITION)
+	test ! -f $(PHOTOS_COMPETITION)/competition.yaml || $(BIN)/labelcomp bench --config configs/photos.yaml \
+		competition=$(PHOTOS_COMPETITION) augment.image_size=224 $(ARGS)
+
 # benchmark, not a test: needs ../shared (skips without it); STUDY="--per-class 500 --folds 5" for all images
 finetune-study: $(VENV)/.installed
 	$(BIN)/python tools/finetune_study.py $(STUDY)
@@ -47,6 +54,10 @@ scaling-study: $(VENV)/.installed
 # benchmark, not a test: configs/quick.yaml and quality.yaml on 10,000 real images (needs ../shared; ~45 min)
 quality-study: $(VENV)/.installed
 	$(BIN)/python tools/quality_study.py $(STUDY)
+
+# benchmark, not a test: configs/photos.yaml on the 3,068 shared clothing photos, 5 folds (needs ../shared; ~30 min)
+photos-study: $(VENV)/.installed
+	$(BIN)/python tools/photos_study.py $(STUDY)
 
 # benchmark, not a test: configs/quick.yaml against each configs/ablations/ file, 5,000 images, 3 folds (~25 min)
 empty :=

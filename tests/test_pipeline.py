@@ -263,7 +263,7 @@ def test_submit_predicts_with_the_policy_the_run_chose_and_the_fold_weights(trai
 
     calls = []
 
-    def recording(checkpoints, frame, config, views, weights):
+    def recording(checkpoints, frame, config, views, weights, images):
         calls.append((views, weights))
         return np.full((len(frame), 4), 0.25)
 

@@ -73,12 +73,17 @@ def test_channels_last_module_predicts_what_the_contiguous_one_does():
         torch.testing.assert_close(channels_last(images), contiguous(images), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("cores, accelerator, expected", [(2, "cpu", 0), (4, "cpu", 0), (16, "cpu", 4),
-                                                          (16, "gpu", 8), (4, "gpu", 3)])
-def test_workers_follow_the_cores(monkeypatch, cores, accelerator, expected):
+@pytest.mark.parametrize("cores, accelerator, devices, expected", [
+    (2, "cpu", "auto", 0), (4, "cpu", "auto", 0), (16, "cpu", "auto", 4),
+    # every GPU process gets its share of the cores, less one for itself
+    (16, "gpu", "auto", 15), (4, "gpu", "1", 3), (16, "gpu", "4", 3), (16, "gpu", "[0,1]", 7), (2, "gpu", "4", 1),
+])
+def test_workers_follow_the_cores(monkeypatch, cores, accelerator, devices, expected):
     monkeypatch.setattr(hardware, "cores", lambda: cores)
     monkeypatch.setattr(hardware, "device_of", lambda name: torch.device("cuda" if name == "gpu" else "cpu"))
-    assert loader_workers(load_config(None, [f"trainer.accelerator={accelerator}"])) == expected
+    monkeypatch.setattr(hardware.torch.cuda, "device_count", lambda: 1)
+    config = load_config(None, [f"trainer.accelerator={accelerator}", f"trainer.devices={devices}"])
+    assert loader_workers(config) == expected
     assert loader_workers(load_config(None, ["data.num_workers=1"])) == 1
 
 

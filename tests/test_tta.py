@@ -140,7 +140,7 @@ def test_each_image_is_decoded_once_whatever_the_number_of_views(tmp_path, tiny_
     config, frame = _images(tmp_path, tiny_competition)
     decoded = []
     read_image = data_module.read_image
-    monkeypatch.setattr(data_module, "read_image", lambda path: decoded.append(path) or read_image(path))
+    monkeypatch.setattr(data_module, "read_image", lambda path, *size: decoded.append(path) or read_image(path, *size))
     views = scored_views(config.tta)
     assert len(views) == 15  # d4's 8, two more scales, five crops
     predict_views(FlipInvariant().eval(), frame, config, views)

@@ -39,7 +39,7 @@ def main() -> int:
         for count in IMAGES:
             images = data.train.groupby("label").head(count // 20)
             start = time.perf_counter()
-            fit_one_epoch(config, data.competition, images, data.cache)
+            fit_one_epoch(config, data.competition, images, data.images)
             seconds = time.perf_counter() - start
             row[f"{count // 1000}k images s/epoch"] = f"{seconds:.1f}"
             row[f"{count // 1000}k images/s"] = f"{len(images) / seconds:.0f}"

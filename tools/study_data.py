@@ -1,4 +1,5 @@
-"""What the studies share: the 10,000 CIFAR-100 coarse images of ../shared as a competition."""
+"""What the studies share: the 10,000 CIFAR-100 coarse images and the 3,068 clothing photos of
+../shared as competitions."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from labelcomp.startup import configure
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DATA = SHARED / "data" / "cifar100_coarse"
+PHOTOS = SHARED / "data" / "clothing_photos"
 WEIGHTS = SHARED / "weights" / "mobilenetv2_035_keras_imagenet_backbone.pth"
 
 
-def study_folder(name: str) -> Path | None:
+def study_folder(name: str, data: Path = DATA) -> Path | None:
     """A fresh working folder for study `name`, or None (with a message) where ../shared is absent."""
-    if not DATA.is_dir() or not WEIGHTS.is_file():
-        print(f"{name} skipped: {DATA} or {WEIGHTS} not found")
+    if not data.is_dir() or not WEIGHTS.is_file():
+        print(f"{name} skipped: {data} or {WEIGHTS} not found")
         return None
     logging.basicConfig(level=logging.WARNING)
     configure()
@@ -51,3 +53,22 @@ def build_competition(folder: Path, per_class: int, seed: int, holdout_per_class
     }
     (folder / "competition.yaml").write_text(yaml.safe_dump(spec))
     return holdout
+
+
+def build_photo_competition(folder: Path) -> None:
+    """The clothing photos as a competition read in place: all 3,068 for training (their held-out
+    splits are not in ../shared), 20 of them standing in for the test split."""
+    table = pd.read_csv(PHOTOS / "train.csv")
+    folder.mkdir(parents=True, exist_ok=True)
+    table.to_csv(folder / "train.csv", index=False)
+    test_ids = table["image"].head(20)
+    pd.DataFrame({"image": test_ids}).to_csv(folder / "test.csv", index=False)
+    labels = sorted(table["label"].unique())
+    pd.DataFrame({"image": test_ids, "label": labels[0]}).to_csv(folder / "sample_submission.csv", index=False)
+    spec = {
+        "name": "clothing-photos-study", "metric": "accuracy", "labels": labels,
+        "train": {"csv": "train.csv", "id_column": "image", "label_column": "label", "images": str(PHOTOS)},
+        "test": {"csv": "test.csv", "id_column": "image", "images": str(PHOTOS)},
+        "submission": {"sample": "sample_submission.csv", "id_column": "image", "label_column": "label"},
+    }
+    (folder / "competition.yaml").write_text(yaml.safe_dump(spec))

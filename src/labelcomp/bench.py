@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
+from labelcomp.data import DiskCache, ImageReader
 from labelcomp.finetune import StagedFinetuning
 from labelcomp.hardware import cores, device_name, device_of
 from labelcomp.predict import predict_views
@@ -76,11 +77,11 @@ class PairedModelOnly(Callback):
         return [model / pipeline for model, pipeline in zip(self.model_seconds, self.pipeline_seconds)]
 
 
-def fit_one_epoch(config: DictConfig, competition, images: pd.DataFrame, cache,
+def fit_one_epoch(config: DictConfig, competition, images: pd.DataFrame, reader: ImageReader,
                   callbacks: tuple[Callback, ...] = ()) -> tuple[Any, Any]:
     """One epoch of the real pipeline (a resolved config) over `images` in which every layer trains (as
     in (a)), without validation; returns the data module and the trained module."""
-    data = build_datamodule(config, images, images.head(config.data.batch_size), cache)
+    data = build_datamodule(config, images, images.head(config.data.batch_size), reader)
     stage = {**OmegaConf.to_container(config.finetune.stages[-1]), "train": "all", "epochs": 1}
     module = build_module(config, competition, stages=[stage])
     with tempfile.TemporaryDirectory() as logs:
@@ -97,7 +98,7 @@ def fit_one_epoch(config: DictConfig, competition, images: pd.DataFrame, cache,
     return data, module
 
 
-def _paired_rates(config: DictConfig, competition, train: pd.DataFrame, cache, limit: Variant, limit_rate: float,
+def _paired_rates(config: DictConfig, competition, train: pd.DataFrame, reader: ImageReader, limit: Variant, limit_rate: float,
                   seconds: float) -> tuple[PairedModelOnly, Any, Any]:
     """The pipeline for about `seconds`, in blocks alternating with model-only blocks of variant `limit`."""
     from labelcomp.model import build_model
@@ -112,7 +113,7 @@ def _paired_rates(config: DictConfig, competition, train: pd.DataFrame, cache, l
     repeats = math.ceil(steps * batch / len(train))
     paired = PairedModelOnly(model_step, block, WARMUP_STEPS, device)
     data, module = fit_one_epoch(config, competition, pd.concat([train] * repeats, ignore_index=True).head(steps * batch),
-                                 cache, callbacks=(paired,))
+                                 reader, callbacks=(paired,))
     return paired, data, module
 
 
@@ -127,6 +128,20 @@ def _loading_rate(data, steps: int) -> float:
     return images / (time.perf_counter() - start)
 
 
+def _reading_rates(reader: ImageReader, paths: list[str]) -> tuple[float, float]:
+    """Images/s of one process reading `paths` through an empty disk cache (decoding, reducing, writing
+    the entries), then through the filled one, as a loader reads them in a run's first and later epochs."""
+    with tempfile.TemporaryDirectory() as folder:
+        rates = []
+        for _ in ("cold", "warm"):
+            fresh = ImageReader(reader.short_side, DiskCache(folder) if reader.cache is not None else None)
+            start = time.perf_counter()
+            for path in paths:
+                fresh(path)
+            rates.append(len(paths) / (time.perf_counter() - start))
+    return rates[0], rates[1]
+
+
 def _inference_rate(module, frame: pd.DataFrame, config: DictConfig, views: list[str]) -> float:
     start = time.perf_counter()
     predict_views(module.eval(), frame, config, views)
@@ -135,7 +150,7 @@ def _inference_rate(module, frame: pd.DataFrame, config: DictConfig, views: list
 
 def run_bench(config: DictConfig, seconds: float = 3.0) -> str:
     data = read_data(config)
-    competition, train, cache = data.competition, data.train, data.cache
+    competition, train, reader = data.competition, data.train, data.images
     config = resolve_config(OmegaConf.merge(config, {"trainer": {"progress_bar": False}}), competition.num_classes)
     device = device_of(config.trainer.accelerator)
     classes, size, batch = competition.num_classes, config.augment.image_size, config.data.batch_size
@@ -152,7 +167,7 @@ def run_bench(config: DictConfig, seconds: float = 3.0) -> str:
               f"{_rates(limits[variant]):<20}{medians[variant]:6.0f}" + ("  <- (a)" if variant == fastest else "")
               for variant in limits]
 
-    paired, data, module = _paired_rates(config, competition, train, cache, fastest, medians[fastest],
+    paired, data, module = _paired_rates(config, competition, train, reader, fastest, medians[fastest],
                                          seconds * ROUNDS * 4)
     images = paired.block * batch
     limit = images / float(np.median(paired.model_seconds))
@@ -168,6 +183,15 @@ def run_bench(config: DictConfig, seconds: float = 3.0) -> str:
               f"max {max(ratios):.2f}"]
     loading = _loading_rate(data, max(20, round(seconds * limit / batch)))
     lines.append(f"(c) training loader alone: {loading:.0f} images/s")
+    cold, warm = _reading_rates(reader, train["path"].head(256).tolist())
+    if reader.cache is not None:
+        lines.append(f"(e) reading images at {reader.short_side} px, one process: {cold:.0f} images/s with an empty disk "
+                     f"cache (decoding, reducing, writing), {warm:.0f} images/s from it; an epoch over a cold cache "
+                     f"costs {len(train) * (1 / cold - 1 / warm):.0f} s more for these {len(train)} images (a run's "
+                     f"survey fills the cache first, on every core)")
+    else:
+        lines.append(f"(e) reading images at full size, one process: {cold:.0f} images/s (no disk cache: "
+                     f"data.short_side is null or data.disk_cache false)")
 
     sample = train.head(min(len(train), 512))
     for policy in ("none", "hflip", "d4"):

@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
         ("lr-find", "suggest a learning rate for a fine-tuning stage (Lightning's lr range test)"),
         ("report", "write report.md with plots into a finished run's folder"),
         ("bench", "measure model-only, pipeline, loading and inference speed side by side"),
+        ("cache", "show the size of the decoded-image cache (data.cache_dir), or clear it with --clear"),
     ):
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument("--config", help="experiment YAML file (e.g. configs/default.yaml)")
@@ -47,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "bench":
             command.add_argument("--seconds", type=float, default=3.0,
                                  help="length of each variant's timed measurement; the (a)/(b) pairs run 12 times as long")
+        if name == "cache":
+            command.add_argument("--clear", action="store_true", help="delete the cache (rebuilt as runs need it)")
         if name == "lr-find":
             command.add_argument("--stage", type=int, default=0, help="index of the finetune stage (default 0)")
     init = commands.add_parser("init", help="guess a competition.yaml for a downloaded competition folder")
@@ -151,6 +154,21 @@ def _bench(args: argparse.Namespace) -> None:
     print(run_bench(config, args.seconds))
 
 
+def _cache(args: argparse.Namespace) -> None:
+    config = _config(args)
+    from labelcomp.data import cache_folders, clear_cache
+
+    folders = cache_folders(config.data.cache_dir)
+    for folder in folders:
+        entries, size = folder.usage()
+        print(f"{folder.folder}: {entries} images, {size / 2**20:.1f} MB")
+    if not folders:
+        print(f"{config.data.cache_dir}: no cached images")
+    if args.clear:
+        clear_cache(config.data.cache_dir)
+        print(f"{config.data.cache_dir}: cleared")
+
+
 def _submit(args: argparse.Namespace) -> None:
     if args.runs and args.run:
         raise LabelcompError("give either --run (one run) or --runs (a blend), not both")
@@ -222,7 +240,7 @@ def _check(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": _train, "submit": _submit, "compare": _compare, "probe": _probe, "lr-find": _lr_find,
             "init": _init, "check": _check, "lb": _record, "note": _record, "report": _report,
-            "bench": _bench}
+            "bench": _bench, "cache": _cache}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,12 @@ class Merge(Choice):
     geometric = "geometric"  # of the views' probabilities, renormalised (= softmax of the mean logits)
 
 
+class ClassWeights(Choice):
+    none = "none"
+    balanced = "balanced"  # n / (classes x n_c), scikit-learn's compute_class_weight: every class weighs alike
+    sqrt = "sqrt"  # the square root of balanced: rare classes count more, not as much
+
+
 class FoldWeights(Choice):
     equal = "equal"
     score = "score"  # test probabilities weighted by each fold's OOF score
@@ -92,9 +98,19 @@ class CVConfig:
 @dataclass
 class DataConfig:
     batch_size: int = 64
-    # auto: chosen for the cores (see speed.py); workers compete with the model on a small machine
+    # auto: chosen for the cores and device (hardware.loader_workers); on a small CPU machine workers
+    # compete with the model
     num_workers: Any = "auto"
-    cache_images: bool = False  # keep decoded images in memory (small datasets)
+    # Larger images are reduced once, when decoded, so that their shorter side is this many pixels (cv2
+    # INTER_AREA, after libjpeg's 1/2-1/8 scaled decoding for JPEGs of at least twice the size): the
+    # transforms crop and resize these, not the files at full size. auto: 1.25 x augment.image_size;
+    # null: full size (the pixels of the files as they are)
+    short_side: Any = "auto"
+    # the reduced images as .npy files in <cache_dir>/<short_side>px, keyed by file content: decoded once
+    # for every fold, run, resume and fold job (`labelcomp cache` shows the size and clears it)
+    disk_cache: bool = True
+    cache_dir: str = "${paths.runs}/.image_cache"
+    cache_images: bool = False  # keep the images in memory as well (small datasets)
 
 
 @dataclass
@@ -148,6 +164,12 @@ class OptimConfig:
     # against 0.5886 / 0.6026 with decay on every parameter (configs/ablations/no_decay_norm_and_bias.yaml)
     filter_bias_and_bn: bool = False
     label_smoothing: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    # training cross-entropy weights per class, from the fold's training labels (validation stays unweighted)
+    class_weights: ClassWeights = ClassWeights.none
 
 
 @dataclass
@@ -235,6 +257,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     mixup: MixupConfig = field(default_factory=MixupConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -276,6 +299,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             config = OmegaConf.merge(config, OmegaConf.from_dotlist(overrides))
         OmegaConf.to_container(config, resolve=True)
         _check_ranges(config, source)
+        _check_combinations(config, source)
         _check_paths(config, source)
     except (ConfigKeyError, ValidationError) as error:
         raise LabelcompError(_describe(error, source)) from None
@@ -290,12 +314,21 @@ _RANGES = [
     ("cv.folds", lambda value: value >= 2, "at least 2 folds"),
     ("augment.image_size", lambda value: value >= 1, "a positive number of pixels"),
     ("data.batch_size", lambda value: value >= 1, "at least 1 image per batch"),
+    ("data.short_side", lambda value: value in ("auto", None) or (str(value).isdigit() and int(value) >= 1),
+     "a number of pixels, auto (1.25 x augment.image_size) or null (full size)"),
     ("tta.scales", lambda value: len(value) > 0 and all(scale > 0 for scale in value),
      "positive image-size factors, e.g. [0.875, 1.0, 1.125]"),
     ("tta.crop", lambda value: 0 < value <= 1, "a fraction of the image side in (0, 1]"),
     ("tta.max_images", lambda value: value >= 1, "at least 1 image per forward pass"),
     ("tta.policies", lambda value: len(value) > 0, "at least one policy to score on OOF and choose from"),
 ]
+
+
+def _check_combinations(config: DictConfig, source: str) -> None:
+    mixes = config.mixup.mixup_alpha > 0 or config.mixup.cutmix_alpha > 0
+    if mixes and config.loss.class_weights != "none":
+        raise LabelcompError(f"{source}: loss.class_weights={config.loss.class_weights} weighs hard labels, and mixup "
+                             "makes soft ones; set loss.class_weights=none or mixup.mixup_alpha=0 mixup.cutmix_alpha=0")
 
 
 def _check_ranges(config: DictConfig, source: str) -> None:

@@ -1,11 +1,20 @@
-"""Image decoding (cv2, to RGB), an optional decoded-image cache, the Dataset and the LightningDataModule.
+"""Image decoding (cv2, to RGB) at the size a run needs, the on-disk cache of decoded images, the
+Dataset and the LightningDataModule.
 
 Transforms are given to the data module; it does not choose augmentations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import io
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import cv2
@@ -13,14 +22,19 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from omegaconf import DictConfig
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from labelcomp.errors import LabelcompError
 
+_logger = logging.getLogger(__name__)
 
-def read_image(path: str) -> np.ndarray:
-    """RGB uint8 array of shape (H, W, 3), the same for train and test whatever the file holds:
-    grayscale, palette and 16-bit images are converted, alpha dropped, EXIF orientation applied."""
+# libjpeg decodes at 1/2, 1/4 or 1/8 scale directly from the DCT coefficients
+_REDUCED_JPEG = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+def _read_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as stream:
             data = stream.read()
@@ -31,33 +45,182 @@ def read_image(path: str) -> np.ndarray:
     # libjpeg decodes a cut-off JPEG with a grey bottom and only a warning; its end marker tells
     if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-1024:]:
         raise LabelcompError(f"{path}: truncated JPEG (no end-of-image marker); replace or remove it")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return data
+
+
+def _decode_flag(data: bytes, short_side: int | None) -> int:
+    """The largest libjpeg reduction that keeps the JPEG's shorter side at least `short_side`. Pillow reads
+    the size from the header alone (0.06 ms for a 400x533 photo)."""
+    if short_side is None or data[:2] != b"\xff\xd8":
+        return cv2.IMREAD_COLOR
+    try:
+        side = min(Image.open(io.BytesIO(data)).size)
+    except Exception:  # an unusual header: cv2 decodes it at full size or says it cannot
+        return cv2.IMREAD_COLOR
+    return next((flag for factor, flag in _REDUCED_JPEG if side / factor >= short_side), cv2.IMREAD_COLOR)
+
+
+def read_image(path: str, short_side: int | None = None) -> np.ndarray:
+    """RGB uint8 array of shape (H, W, 3), the same for train and test whatever the file holds:
+    grayscale, palette and 16-bit images are converted, alpha dropped, EXIF orientation applied.
+
+    With `short_side`, a larger image is reduced so that its shorter side is `short_side` (cv2 INTER_AREA),
+    a JPEG of at least twice that size decoded at 1/2, 1/4 or 1/8 scale first; smaller images stay as they are."""
+    data = _read_bytes(path)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), _decode_flag(data, short_side))
     if image is None:
         raise LabelcompError(f"{path}: cannot be decoded as an image; replace or remove it")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    height, width = image.shape[:2]
+    if short_side is None or min(height, width) <= short_side:
+        return image
+    scale = short_side / min(height, width)
+    size = (short_side, max(short_side, round(height * scale))) if width < height else \
+        (max(short_side, round(width * scale)), short_side)
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def short_side(config: DictConfig) -> int | None:
+    """`data.short_side` in pixels: auto is 1.25 x augment.image_size, so that RandomResizedCrop's crops of
+    at least 64% of the area are reduced, never enlarged, to the training size; None keeps full size."""
+    value = config.data.short_side
+    if value == "auto":
+        return round(1.25 * config.augment.image_size)
+    return None if value is None else int(value)
+
+
+class DiskCache:
+    """Reduced images as .npy files under `folder` (one folder per short side), named by a digest of the
+    source file's bytes: folds, runs, resumes and fold jobs over the same files share them, and an edited
+    file gets a new entry. Entries are written to a temporary name and renamed, so parallel writers
+    (loader workers, fold jobs) never leave a partial entry; one that does not load is rebuilt.
+
+    .npy was chosen by measurement (300 clothing photos at 224 px, one core): read 0.17 ms, 197 KB;
+    PNG 2.9 ms, 93 KB; lossless WebP 2.1 ms (110 ms to write), 58 KB; JPEG q95 0.66 ms, 25 KB but 1.4
+    grey levels off on average. Decoding the 400x533 source and reducing it took 3.5 ms."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._digests: dict[tuple[str, int, int], str] = {}
+        self._write_failed = False
+
+    def digest(self, path: str) -> str:
+        """The source's content digest, hashed once per process for each (path, size, mtime)."""
+        stat = os.stat(path)
+        known = (path, stat.st_size, stat.st_mtime_ns)
+        if known not in self._digests:
+            self._digests[known] = hashlib.blake2b(_read_bytes(path), digest_size=16).hexdigest()
+        return self._digests[known]
+
+    def entry(self, digest: str) -> Path:
+        return self.folder / digest[:2] / f"{digest}.npy"
+
+    def load(self, digest: str) -> np.ndarray | None:
+        path = self.entry(digest)
+        try:
+            image = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, EOFError):  # truncated or overwritten: rebuilt from the source
+            _logger.info("image cache entry %s is damaged: rebuilt", path)
+            return None
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            _logger.info("image cache entry %s is not an RGB image: rebuilt", path)
+            return None
+        return image
+
+    def store(self, digest: str, image: np.ndarray) -> None:
+        path = self.entry(digest)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "wb") as stream:
+                np.save(stream, image, allow_pickle=False)
+            os.replace(temporary, path)
+        except OSError as error:  # a full disk or a read-only cache: train on, uncached
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+            if not self._write_failed:
+                _logger.warning("image cache %s: cannot write (%s); images are decoded every time", self.folder,
+                                error.strerror)
+            self._write_failed = True
+
+    def usage(self) -> tuple[int, int]:
+        """(entries, bytes) in the cache folder."""
+        files = [path for path in self.folder.glob("*/*.npy")] if self.folder.is_dir() else []
+        return len(files), sum(path.stat().st_size for path in files)
+
+
+def cache_folders(cache_dir: str | Path) -> list[DiskCache]:
+    """The disk caches under `data.cache_dir`, one per short side."""
+    root = Path(cache_dir)
+    return [DiskCache(folder) for folder in sorted(root.glob("*px")) if folder.is_dir()] if root.is_dir() else []
+
+
+def clear_cache(cache_dir: str | Path) -> None:
+    """Delete the cache. Renamed away first, so a run reading it meanwhile finds whole entries or none
+    (and rebuilds what it misses)."""
+    root = Path(cache_dir)
+    if not root.is_dir():
+        return
+    doomed = root.with_name(f".{root.name}.{os.getpid()}.deleting")
+    os.replace(root, doomed)
+    shutil.rmtree(doomed)
+
+
+class ImageReader:
+    """Images as the transforms receive them: decoded and reduced to `short_side` (read_image), from the
+    disk cache when given (only reduced images are stored: smaller ones decode as fast as they load),
+    and kept in memory as well when `keep_in_memory` (small datasets)."""
+
+    def __init__(self, short_side: int | None = None, cache: DiskCache | None = None, keep_in_memory: bool = False):
+        self.short_side = short_side
+        self.cache = cache if short_side is not None else None
+        self.memory: dict[str, np.ndarray] | None = {} if keep_in_memory else None
+
+    @classmethod
+    def from_config(cls, config: DictConfig) -> "ImageReader":
+        side = short_side(config)
+        cache = DiskCache(Path(config.data.cache_dir) / f"{side}px") if config.data.disk_cache and side else None
+        return cls(side, cache, config.data.cache_images)
+
+    def __call__(self, path: str) -> np.ndarray:
+        if self.memory is not None and path in self.memory:
+            return self.memory[path]
+        image = self._read(path)
+        if self.memory is not None:
+            self.memory[path] = image
+        return image
+
+    def _read(self, path: str) -> np.ndarray:
+        if self.cache is None:
+            return read_image(path, self.short_side)
+        try:
+            digest = self.cache.digest(path)
+        except OSError:  # missing or unreadable: read_image says so in its words
+            return read_image(path, self.short_side)
+        image = self.cache.load(digest)
+        if image is None:
+            image = read_image(path, self.short_side)
+            if min(image.shape[:2]) == self.short_side:
+                self.cache.store(digest, image)
+        return image
 
 
 class ImageDataset(Dataset):
     """(transformed uint8 (H, W, C) image, class index) pairs; the index is -1 where labels are unknown (test)."""
 
-    def __init__(self, frame: pd.DataFrame, transform: Callable, cache: Optional[dict[str, np.ndarray]] = None):
+    def __init__(self, frame: pd.DataFrame, transform: Callable, images: ImageReader):
         self.paths = frame["path"].tolist()
         self.targets = frame["target"].to_numpy() if "target" in frame else np.full(len(frame), -1)
         self.transform = transform
-        self.cache = cache
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _image(self, path: str) -> np.ndarray:
-        if self.cache is None:
-            return read_image(path)
-        if path not in self.cache:
-            self.cache[path] = read_image(path)
-        return self.cache[path]
-
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        image = self.transform(image=self._image(self.paths[index]))["image"]
+        image = self.transform(image=self.images(self.paths[index]))["image"]
         return image, int(self.targets[index])
 
 
@@ -114,7 +277,7 @@ class ImageDataModule(L.LightningDataModule):
         predict: Optional[pd.DataFrame] = None,
         train_transform: Optional[Callable] = None,
         eval_transform: Optional[Callable] = None,
-        cache: Optional[dict[str, np.ndarray]] = None,
+        images: Optional[ImageReader] = None,
         pin_memory: bool = False,
         channels_last: bool = False,
     ):
@@ -127,10 +290,10 @@ class ImageDataModule(L.LightningDataModule):
         self.frames = {"train": train, "val": val, "predict": predict}
         self.train_transform = train_transform
         self.eval_transform = eval_transform
-        self.cache = cache
+        self.images = images or ImageReader()
 
     def _loader(self, split: str, transform: Callable, shuffle: bool) -> DataLoader:
-        dataset = ImageDataset(self.frames[split], transform, self.cache)
+        dataset = ImageDataset(self.frames[split], transform, self.images)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -141,6 +141,9 @@ def fold_table(scores: dict[str, Any]) -> str:
         f"OOF loss {_number(scores['oof_loss'])}",
         f"OOF {metric} by TTA policy ({tta['merge']} merge): "
         + ", ".join(f"{policy} {_number(score)}" for policy, score in tta["oof_scores"].items()),
+        *([f"OOF macro F1: {_number(scores['oof_macro_f1']['plain'])} without TTA, "
+           f"{_number(scores['oof_macro_f1']['tta'])} with TTA"] if metric != "macro_f1" and "oof_macro_f1" in scores
+          else []),
     ])
 
 

@@ -14,9 +14,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 import lightning as L
+import numpy as np
 import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
+from sklearn.utils.class_weight import compute_class_weight
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -109,6 +111,17 @@ def build_model(model: DictConfig, num_classes: int, load_weights: bool = True) 
     return net
 
 
+def class_weights(kind: str, targets: np.ndarray, num_classes: int) -> list[float] | None:
+    """Cross-entropy weights per class for `loss.class_weights` from training targets (class indices);
+    a class without training images keeps weight 1 (it has nothing to weigh)."""
+    if kind == "none":
+        return None
+    present = np.unique(targets)
+    weights = np.ones(num_classes)
+    weights[present] = compute_class_weight("balanced", classes=present, y=targets)
+    return (np.sqrt(weights) if kind == "sqrt" else weights).tolist()
+
+
 class ClassifierModule(L.LightningModule):
     def __init__(
         self,
@@ -121,6 +134,7 @@ class ClassifierModule(L.LightningModule):
         ema: dict[str, Any] | None = None,
         channels_last: bool = False,
         load_weights: bool = True,
+        class_weights: list[float] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["load_weights"])
@@ -140,7 +154,9 @@ class ClassifierModule(L.LightningModule):
                 switch_prob=mixup["switch_prob"], label_smoothing=optim["label_smoothing"], num_classes=num_classes,
             )
             self.mixed_loss = SoftTargetCrossEntropy()
-        self.train_loss = nn.CrossEntropyLoss(label_smoothing=optim["label_smoothing"])
+        self.train_loss = nn.CrossEntropyLoss(
+            weight=torch.tensor(class_weights, dtype=torch.float32) if class_weights else None,
+            label_smoothing=optim["label_smoothing"])
         # validation loss stays plain cross-entropy so it is the log-loss whatever the smoothing
         self.val_loss = nn.CrossEntropyLoss()
         self.val_metric = self.metric.build_torchmetric(num_classes) if self.metric.torchmetric else None

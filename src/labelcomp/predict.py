@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from labelcomp.augment import build_transforms
-from labelcomp.data import ImageDataModule
+from labelcomp.data import ImageDataModule, ImageReader
 from labelcomp.ensemble import fold_average
 from labelcomp.hardware import device_of
 from labelcomp.model import ClassifierModule
@@ -59,14 +59,14 @@ def load_classifier(checkpoint: Path) -> ClassifierModule:
 
 def predict_views(
     network: nn.Module, frame: pd.DataFrame, config: DictConfig, views: list[str],
-    cache: dict[str, np.ndarray] | None = None,
+    images: ImageReader | None = None,
 ) -> np.ndarray:
     """Raw outputs (logits, or features for a feature extractor) of shape (views, images, ...), one
     row per name in `views`."""
     data = ImageDataModule(
         batch_size=config.data.batch_size, num_workers=config.data.num_workers, mean=config.augment.mean,
         std=config.augment.std, predict=frame,
-        eval_transform=build_transforms(config.augment, train=False), cache=cache,
+        eval_transform=build_transforms(config.augment, train=False), images=images or ImageReader.from_config(config),
         pin_memory=device_of(config.trainer.accelerator).type == "cuda",
         channels_last=getattr(network, "memory_format", None) == torch.channels_last,
     )
@@ -83,14 +83,15 @@ def predict_views(
 
 
 def predict_folds(
-    checkpoints: list[Path], frame: pd.DataFrame, config: DictConfig, views: list[str], weights: np.ndarray
+    checkpoints: list[Path], frame: pd.DataFrame, config: DictConfig, views: list[str], weights: np.ndarray,
+    images: ImageReader | None = None,
 ) -> np.ndarray:
     """Weighted mean over folds of the TTA-merged probabilities, shape (images, classes)."""
-    cache: dict[str, np.ndarray] | None = {} if config.data.cache_images else None
+    images = images or ImageReader.from_config(config)  # one for every fold: what it keeps in memory serves all
 
     def fold_outputs():
         for checkpoint in checkpoints:
             _logger.info("predicting %d images x %d views with %s", len(frame), len(views), checkpoint)
-            yield predict_views(load_classifier(checkpoint), frame, config, views, cache)
+            yield predict_views(load_classifier(checkpoint), frame, config, views, images)
 
     return fold_average(fold_outputs(), weights, config.tta.merge)

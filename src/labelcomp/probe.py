@@ -56,7 +56,7 @@ def run_probe(config: DictConfig) -> tuple[RunDir, dict[str, Any]]:
     features = PooledFeatures(build_model(probe.model, competition.num_classes)).eval()
     views = scored_views(probe.tta)
     _logger.info("extracting features of %d training and %d test images, %d views", len(train), len(test), len(views))
-    train_views = predict_views(features, train, probe, views, data.cache)
+    train_views = predict_views(features, train, probe, views, data.images)
     test_views = predict_views(features, test, probe, views)
     run_dir, folds = open_run(probe, data, folds, None)
     test_outputs = []

@@ -2,7 +2,8 @@
 
 `resolve_config` fills the fine-tuning stages from the preset, merges the weights card, checks that
 the weights load, takes mean and std from timm's data config of the model, checks the trainer
-settings with Lightning, chooses precision, memory format and loader workers for this machine, and
+settings with Lightning, chooses precision, memory format and loader workers for this machine, fixes
+the size images are decoded at, and
 checks that the transforms build. The result is the
 run's saved config.yaml; a run that exists already gives its recorded choices to later fold jobs.
 """
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from timm.data import resolve_model_data_config
 
 from labelcomp.augment import build_transforms
+from labelcomp.data import short_side
 from labelcomp.errors import LabelcompError
 from labelcomp.hardware import fastest_variant, loader_workers
 from labelcomp.model import apply_weights_card, build_model
@@ -45,6 +47,7 @@ def resolve_config(config: DictConfig, num_classes: int, recorded: DictConfig | 
     check_trainer(resolved.trainer)
     resolved.trainer.precision, resolved.trainer.channels_last = fastest_variant(resolved, num_classes)
     resolved.data.num_workers = loader_workers(resolved)
+    resolved.data.short_side = short_side(resolved)
     build_transforms(resolved.augment, train=True)
     build_transforms(resolved.augment, train=False)
     return resolved

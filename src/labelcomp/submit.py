@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from labelcomp import history
 from labelcomp.competition import Competition
 from labelcomp.config import load_config
+from labelcomp.data import ImageReader
 from labelcomp.ensemble import run_fold_weights
 from labelcomp.errors import LabelcompError
 from labelcomp.predict import predict_folds
@@ -45,14 +46,15 @@ def submit(config: DictConfig, run_id: str | None = None, overrides: list[str] |
 def predict_run_test(run: RunDir, run_config: DictConfig, test: pd.DataFrame) -> np.ndarray:
     """Test probabilities (images, classes): every fold model with the run's TTA policy, averaged with
     the configured fold weights."""
-    survey(test["path"].tolist()).raise_problems("test")
+    images = ImageReader.from_config(run_config)  # the survey fills its cache for the fold models
+    survey(test["path"].tolist(), images).raise_problems("test")
     checkpoints = [run.checkpoint(fold) for fold in range(run_config.cv.folds)]
     missing = [str(path) for path in checkpoints if not path.is_file()]
     if missing:
         raise LabelcompError(f"run {run.run_id}: fold checkpoints missing: {missing}; finish training the run first")
     scores = json.loads(run.scores.read_text())
     views = policy_views(run_policy(scores, run_config.tta), run_config.tta)
-    return predict_folds(checkpoints, test, run_config, views, run_fold_weights(scores, run_config.ensemble))
+    return predict_folds(checkpoints, test, run_config, views, run_fold_weights(scores, run_config.ensemble), images)
 
 
 def write_submission(

@@ -1,7 +1,7 @@
 """Decode every image of a split once: unreadable files, exact duplicates (same pixels), sizes.
 
-Runs before a run folder exists, so a bad image stops a run before anything is written; the
-decoded images can go straight into the data cache.
+Runs before a run folder exists, so a bad image stops a run before anything is written; read
+through the run's ImageReader, the decoding fills its caches (on disk, in memory) on the way.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from labelcomp.data import read_image
+from labelcomp.data import ImageReader
 from labelcomp.errors import LabelcompError
 
 
@@ -44,16 +44,15 @@ def _digest(image: np.ndarray) -> str:
     return hashlib.blake2b(image.tobytes() + str(image.shape).encode(), digest_size=16).hexdigest()
 
 
-def survey(paths: list[str], cache: dict[str, np.ndarray] | None = None) -> Survey:
-    """Decode all `paths` with threads (cv2 releases the GIL); keep the decoded images in `cache` if given."""
+def survey(paths: list[str], images: ImageReader | None = None) -> Survey:
+    """Decode all `paths` with threads (cv2 releases the GIL) through `images` (full size without)."""
+    images = images or ImageReader()
 
     def look(path: str) -> tuple[str, tuple[int, int], str]:
         try:
-            image = read_image(path)
+            image = images(path)
         except LabelcompError as error:
             return "", (0, 0), str(error)
-        if cache is not None:
-            cache[path] = image
         return _digest(image), image.shape[:2], ""
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -80,11 +79,12 @@ def fingerprint(train: pd.DataFrame, test: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
-def check_images(train: pd.DataFrame, test: pd.DataFrame, cache: dict[str, np.ndarray] | None = None,
-                 ) -> list[list[int]]:
+def check_images(train: pd.DataFrame, test: pd.DataFrame, images: ImageReader | None = None) -> list[list[int]]:
     """Decode every image of both splits once; unreadable ones stop with one error naming them.
     Returns the sets of training images with identical pixels (positions in `train`)."""
-    train_images = survey(train["path"].tolist(), cache)
+    train_images = survey(train["path"].tolist(), images)
     train_images.raise_problems("training")
-    survey(test["path"].tolist()).raise_problems("test")
+    # the test images are read at the run's size too (they fill the disk cache for submit), not kept in memory
+    test_reader = ImageReader(images.short_side, images.cache) if images is not None else None
+    survey(test["path"].tolist(), test_reader).raise_problems("test")
     return train_images.duplicate_sets()

@@ -28,13 +28,13 @@ from labelcomp import __version__, history, ranks
 from labelcomp.augment import build_transforms
 from labelcomp.competition import Competition
 from labelcomp.config import load_config, save_config
-from labelcomp.data import ImageDataModule
+from labelcomp.data import ImageDataModule, ImageReader
 from labelcomp.errors import LabelcompError
 from labelcomp.finetune import StagedFinetuning
 from labelcomp.folds import assign_folds, fold_groups
 from labelcomp.hardware import device_of, peak_memory_gb, reset_peak_memory
 from labelcomp.metrics import METRICS, multiclass_log_loss
-from labelcomp.model import ClassifierModule
+from labelcomp.model import ClassifierModule, class_weights
 from labelcomp.predict import load_classifier, predict_views
 from labelcomp.resolve import resolve_config
 from labelcomp.runs import RunDir, check_run_id, new_run, read_table, write_csv_atomic, write_text_atomic
@@ -52,7 +52,7 @@ class RunData(NamedTuple):
     test: pd.DataFrame
     duplicates: list[list[int]]  # positions in `train` of images with identical pixels, a list per set
     fingerprint: str  # of the tables and image files (survey.fingerprint)
-    cache: dict[str, np.ndarray] | None  # decoded training images, when data.cache_images is on
+    images: ImageReader  # how the loaders read the images (size, disk cache, memory)
 
 
 def read_data(config: DictConfig, known: RunDir | None = None) -> RunData:
@@ -62,16 +62,20 @@ def read_data(config: DictConfig, known: RunDir | None = None) -> RunData:
     competition = Competition.load(config.competition)
     train = competition.read_train()
     test = competition.read_test()
-    cache: dict[str, np.ndarray] | None = {} if config.data.cache_images else None
+    images = ImageReader.from_config(config)
     stamp = fingerprint(train, test)
     duplicates = _recorded_duplicates(known, stamp, train) if known is not None else None
     if duplicates is None:
-        duplicates = check_images(train, test, cache)
+        duplicates = check_images(train, test, images)
     else:
         _logger.info("images unchanged since run %s surveyed them: not decoded again", known.run_id)
     if duplicates:
         _logger.info("%d sets of identical training images: each set is kept within one fold", len(duplicates))
-    return RunData(competition, train, test, duplicates, stamp, cache)
+    if images.cache is not None:
+        entries, size = images.cache.usage()
+        _logger.info("image cache %s: %d images at %d px, %.0f MB", images.cache.folder, entries, images.short_side,
+                     size / 2**20)
+    return RunData(competition, train, test, duplicates, stamp, images)
 
 
 def _recorded_duplicates(run_dir: RunDir, stamp: str, train: pd.DataFrame) -> list[list[int]] | None:
@@ -122,8 +126,8 @@ def run(
                 continue
             started = time.perf_counter()
             reset_peak_memory()
-            checkpoint = fit_fold(resolved, data.competition, data.train, folds, fold, run_dir, data.cache)
-            predict_oof(resolved, data.competition, data.train, folds, fold, checkpoint, run_dir, data.cache)
+            checkpoint = fit_fold(resolved, data.competition, data.train, folds, fold, run_dir, data.images)
+            predict_oof(resolved, data.competition, data.train, folds, fold, checkpoint, run_dir, data.images)
             usage = {"seconds": round(time.perf_counter() - started, 1), "peak_memory_gb": peak_memory_gb()}
             write_text_atomic(run_dir.fold_usage(fold), json.dumps(usage) + "\n")
             _logger.info("fold %d/%d: %.0f s, peak memory %s GB", fold + 1, resolved.cv.folds, usage["seconds"],
@@ -168,7 +172,7 @@ def _follow_run(config: DictConfig, run_id: str, folds_to_train: list[int]) -> R
     folds = read_table(run_dir.folds)
     for fold in folds_to_train:
         if not run_dir.fold_oof(fold).exists():
-            fit_fold(resolved, data.competition, data.train, folds, fold, run_dir, data.cache)
+            fit_fold(resolved, data.competition, data.train, folds, fold, run_dir, data.images)
     return run_dir
 
 
@@ -206,20 +210,22 @@ def open_run(config: DictConfig, data: RunData, folds: pd.DataFrame,
 
 
 def build_datamodule(config: DictConfig, train: pd.DataFrame, val: pd.DataFrame,
-                     cache: dict[str, np.ndarray] | None) -> ImageDataModule:
+                     images: ImageReader) -> ImageDataModule:
     """The data module of a fold: `train` augmented, `val` as evaluated (a resolved config)."""
     return ImageDataModule(
         batch_size=config.data.batch_size, num_workers=config.data.num_workers, mean=config.augment.mean,
         std=config.augment.std, train=train, val=val,
         train_transform=build_transforms(config.augment, train=True, seed=config.seed),
-        eval_transform=build_transforms(config.augment, train=False), cache=cache,
+        eval_transform=build_transforms(config.augment, train=False), images=images,
         pin_memory=device_of(config.trainer.accelerator).type == "cuda",
         channels_last=bool(config.trainer.channels_last),
     )
 
 
-def build_module(config: DictConfig, competition: Competition, stages: list | None = None) -> ClassifierModule:
-    """The LightningModule of a resolved config; `stages` replaces the config's fine-tuning stages."""
+def build_module(config: DictConfig, competition: Competition, stages: list | None = None,
+                 train: pd.DataFrame | None = None) -> ClassifierModule:
+    """The LightningModule of a resolved config; `stages` replaces the config's fine-tuning stages, and
+    `train`, the images it trains on, gives the loss its class weights (loss.class_weights)."""
     def container(node: DictConfig) -> dict[str, Any]:
         return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
 
@@ -229,20 +235,22 @@ def build_module(config: DictConfig, competition: Competition, stages: list | No
         finetune={**finetune, "stages": stages or finetune["stages"]}, num_classes=competition.num_classes,
         metric=str(competition.spec.metric), mixup=container(config.mixup), ema=container(config.ema),
         channels_last=bool(config.trainer.channels_last),
+        class_weights=class_weights(str(config.loss.class_weights), train["target"].to_numpy(), competition.num_classes)
+        if train is not None else None,
     )
 
 
 def fit_fold(
     config: DictConfig, competition: Competition, train: pd.DataFrame, folds: pd.DataFrame, fold: int,
-    run_dir: RunDir, cache: dict[str, np.ndarray] | None = None,
+    run_dir: RunDir, images: ImageReader,
 ) -> Path:
     """Train on every fold but `fold`, validate on `fold`; returns the best checkpoint's path."""
     L.seed_everything(config.seed, workers=True)
     held_out = folds["fold"].to_numpy() == fold
     _logger.info("fold %d/%d: %d train / %d validation images", fold + 1, config.cv.folds,
                  (~held_out).sum(), held_out.sum())
-    data = build_datamodule(config, train[~held_out], train[held_out], cache)
-    module = build_module(config, competition)
+    data = build_datamodule(config, train[~held_out], train[held_out], images)
+    module = build_module(config, competition, train=train[~held_out])
     metric = METRICS[competition.spec.metric]
     fold_dir = run_dir.fold_dir(fold)
     best = ModelCheckpoint(
@@ -278,12 +286,12 @@ def _probability_frame(ids: pd.Series, fold: int, labels: pd.Series, proba: np.n
 
 def predict_oof(
     config: DictConfig, competition: Competition, train: pd.DataFrame, folds: pd.DataFrame, fold: int,
-    checkpoint: Path, run_dir: RunDir, cache: dict[str, np.ndarray] | None = None,
+    checkpoint: Path, run_dir: RunDir, images: ImageReader,
 ) -> None:
     """OOF outputs of `fold` from the model that never saw it, for every view the TTA policies need."""
     held_out = train[folds["fold"].to_numpy() == fold]
     views = scored_views(config.tta)
-    outputs = predict_views(load_classifier(checkpoint), held_out, config, views, cache)
+    outputs = predict_views(load_classifier(checkpoint), held_out, config, views, images)
     write_oof(run_dir, competition, held_out, fold, outputs, views)
 
 
@@ -375,6 +383,9 @@ def score_run(run_dir: RunDir, competition: Competition, config: DictConfig) -> 
         "tta": {"policy": policy, "chosen_by": "oof" if config.tta.policy == "auto" else "config",
                 "merge": str(config.tta.merge), "oof_scores": policy_scores},
         "oof_loss": evaluate(plain, multiclass_log_loss),
+        # where classes are out of balance accuracy hides the rare ones: macro F1 shows them, whatever the metric
+        "oof_macro_f1": {"plain": evaluate(plain, METRICS["macro_f1"].score),
+                         "tta": evaluate(tta, METRICS["macro_f1"].score)},
         "finished_at": datetime.now().isoformat(timespec="seconds"),
         "versions": _versions(), "git_commit": _git_commit(),
     }
