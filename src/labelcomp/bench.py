@@ -190,8 +190,8 @@ def run_bench(config: DictConfig, seconds: float = 3.0) -> str:
                      f"costs {len(train) * (1 / cold - 1 / warm):.0f} s more for these {len(train)} images (a run's "
                      f"survey fills the cache first, on every core)")
     else:
-        lines.append(f"(e) reading images at full size, one process: {cold:.0f} images/s (no disk cache: "
-                     f"data.short_side is null or data.disk_cache false)")
+        size = f"{reader.short_side} px" if reader.short_side else "full size"
+        lines.append(f"(e) reading images at {size}, one process, no disk cache: {cold:.0f} images/s")
 
     sample = train.head(min(len(train), 512))
     for policy in ("none", "hflip", "d4"):
