@@ -7,8 +7,9 @@ import pandas as pd
 from labelcomp.history import compare_table, read_history, record_run, record_submission
 
 
-def _row(run_id, folds):
-    row = {"run_id": run_id, "created_at": f"2026-11-24T10:0{folds}", "experiment": "e", "backbone": "b",
+def _row(run_id, folds, competition="comp", competition_id="c0ffee"):
+    row = {"run_id": run_id, "created_at": f"2026-11-24T10:0{folds}", "competition": competition,
+           "competition_id": competition_id, "experiment": "e", "backbone": "b",
            "metric": "accuracy", "n_folds": folds, "cv_mean": 0.5, "cv_std": 0.1, "oof_score": 0.5,
            "oof_tta_score": 0.6}
     row.update({f"fold_{k}": 0.1 * k for k in range(folds)})
@@ -22,7 +23,7 @@ def test_runs_with_different_fold_counts_share_one_file(tmp_path):
     record_submission(path, "a", "a.csv")
     history = read_history(path)
     assert list(history["run_id"]) == ["a", "b"]
-    assert list(history.columns[6:9]) == ["fold_0", "fold_1", "fold_2"]
+    assert list(history.columns[8:11]) == ["fold_0", "fold_1", "fold_2"]
     assert pd.isna(history.loc[0, "fold_2"]) and history.loc[1, "fold_2"] == 0.2
     assert history.loc[0, "submission"] == "a.csv" and pd.isna(history.loc[1, "submission"])
     table = compare_table(history)
@@ -84,6 +85,63 @@ def test_plot_of_the_score_history_is_written(tmp_path, capsys):
 
     path = tmp_path / "score_history.csv"
     _three_runs(path)
-    assert main(["compare", "--plot", f"paths.submissions={tmp_path}"]) == 0
+    assert main(["compare", "--plot", "--competition", "comp", f"paths.submissions={tmp_path}"]) == 0
     assert (tmp_path / "score_history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "plot written" in capsys.readouterr().out
+
+
+def test_compare_relates_only_runs_of_one_competition(tmp_path, capsys):
+    from labelcomp.cli import main
+
+    path = tmp_path / "score_history.csv"
+    _three_runs(path)
+    # another competition's run scores far higher: it is neither listed nor the best earlier run
+    record_run(path, {**_row("other", 3, "flowers", "beef00"), "created_at": "2026-11-24T10:30", "cv_mean": 0.95})
+    assert main(["compare", "--competition", "comp", f"paths.submissions={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines()[1:4]}
+    assert sorted(lines) == ["a", "b", "c"] and "+0.0300" in lines["b"] and "-0.0200" in lines["c"]
+    assert "other" not in out and "1 row(s) of other competitions left out" in out
+    # by digest as well as by name
+    assert main(["compare", "--competition", "beef00", f"paths.submissions={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "other" in out and "3 row(s) of other competitions left out" in out
+    assert main(["compare", "a", "other", "--competition", "comp", f"paths.submissions={tmp_path}"]) == 2
+    assert "no run 'other' in the score history of this competition" in capsys.readouterr().err
+
+
+def test_a_history_from_before_competitions_is_read_and_can_be_labelled(tmp_path, tiny_competition, capsys):
+    from labelcomp.cli import main
+    from labelcomp.competition import Competition
+
+    path = tmp_path / "score_history.csv"
+    old = pd.DataFrame([{key: value for key, value in _row(run_id, 2).items() if not key.startswith("competition")}
+                        for run_id in ("a", "b")])
+    old.to_csv(path, index=False)
+    assert list(read_history(path)["run_id"]) == ["a", "b"]
+    settings = [f"competition={tiny_competition}", f"paths.submissions={tmp_path}"]
+    assert main(["compare", *settings]) == 0
+    out = capsys.readouterr().out
+    assert "no runs recorded yet" in out and "2 row(s) recorded before rows named their competition" in out
+    assert "labelcomp label-history" in out
+    assert main(["label-history", "a", *settings]) == 0
+    identity = Competition.load(tiny_competition).identity()
+    assert f"1 row(s) now of competition tiny ({identity['competition_id']}): a" in capsys.readouterr().out
+    assert main(["label-history", *settings]) == 0  # every row still without one
+    history = read_history(path)
+    assert set(history["competition"]) == {"tiny"} and set(history["competition_id"]) == {identity["competition_id"]}
+    assert main(["compare", *settings]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["a", "b"] and "left out" not in out
+
+
+def test_the_competition_digest_follows_the_training_table(tmp_path, tiny_competition):
+    from labelcomp.competition import Competition
+
+    first = Competition.load(tiny_competition).identity()
+    assert first == Competition.load(tiny_competition).identity() and first["competition"] == "tiny"
+    table = tiny_competition / "train.csv"
+    frame = pd.read_csv(table)
+    frame.loc[0, "label"] = frame["label"].iloc[-1]  # one image relabelled: other data
+    frame.to_csv(table, index=False)
+    assert Competition.load(tiny_competition).identity()["competition_id"] != first["competition_id"]

@@ -1,8 +1,10 @@
 """End to end on a tiny real competition: train -> submit -> compare through the CLI."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -119,13 +121,40 @@ def test_submit_writes_the_sample_format_and_records_it(trained, capsys):
 def test_history_row_has_the_contract_columns(trained):
     history = pd.read_csv(trained["tmp"] / "submissions" / "score_history.csv")
     assert list(history.columns) == [
-        "run_id", "created_at", "experiment", "backbone", "metric", "n_folds", "fold_0", "fold_1",
+        "run_id", "created_at", "competition", "competition_id", "experiment", "backbone", "metric", "n_folds",
+        "fold_0", "fold_1",
         "cv_mean", "cv_std", "oof_score", "oof_tta_score", "submission", "lb_score", "notes",
     ]
     scores = json.loads((trained["run"] / "scores.json").read_text())
     row = history.iloc[0]
     assert row["run_id"] == trained["run"].name and row["backbone"] == "mobilenetv2_035"
     assert row["fold_1"] == pytest.approx(scores["folds"][1]["score"])
+    assert row["competition"] == "tiny" and row["competition_id"] == scores["competition"]["competition_id"]
+
+
+def test_predict_gives_the_submissions_probabilities_and_lists_unreadable_files(trained, tmp_path, capsys):
+    tmp, competition, overrides = trained["tmp"], trained["competition"], trained["overrides"]
+    assert main(["submit", "--config", SMOKE, *overrides]) == 0
+    run_id = trained["run"].name
+    expected = _read(tmp / "submissions" / f"{run_id}.test_proba.csv").set_index("id")
+    folder = tmp_path / "new_images"
+    shutil.copytree(competition / "test_images", folder)
+    (folder / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "predictions.csv"
+    capsys.readouterr()
+    assert main(["predict", run_id, str(folder), "--config", SMOKE, *overrides, "--out", str(out)]) == 0
+    streams = capsys.readouterr()
+    assert f"predictions written: {out}" in streams.out
+    assert "left out" in streams.err and "broken.png" in streams.err
+    predicted = pd.read_csv(out, dtype={"id": str})
+    labels = list(expected.columns)
+    assert list(predicted.columns) == ["id", "label", *labels] and len(predicted) == len(expected)
+    names = predicted["id"].map(lambda path: Path(path).name)
+    # the same fold ensemble and TTA policy as the submission: the same probabilities
+    np.testing.assert_allclose(predicted[labels].to_numpy(), expected.loc[names, labels].to_numpy(), atol=1e-6)
+    assert (predicted["label"] == predicted[labels].idxmax(axis=1)).all()
+    assert main(["predict", run_id, str(tmp_path / "missing"), "--config", SMOKE, *overrides]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -67,6 +67,13 @@ def blend(config: DictConfig, run_ids: list[str]) -> tuple[Path, str]:
     runs = [find_run(config.paths.runs, config.experiment, run_id) for run_id in run_ids]
     run_configs = [load_config(run.config) for run in runs]
     competition = Competition.load(run_configs[0].competition)
+    identity = competition.identity()
+    for run, run_config in zip(runs[1:], run_configs[1:]):
+        other = Competition.load(run_config.competition).identity()
+        if other != identity:
+            raise LabelcompError(f"run {run.run_id} is of competition {other['competition']} ({other['competition_id']}),"
+                                 f" run {runs[0].run_id} of {identity['competition']} ({identity['competition_id']}); "
+                                 "blend runs of the same competition")
     metric = METRICS[competition.spec.metric]
     objective = config.ensemble.blend_objective
     oof, target, folds, same_folds = _read_oof(runs, competition)
@@ -95,7 +102,7 @@ def blend(config: DictConfig, run_ids: list[str]) -> tuple[Path, str]:
     fold_scores = ([metric.score(target[folds == fold], blended_oof[folds == fold]) for fold in np.unique(folds)]
                    if same_folds else None)
     history.record_run(history.history_path(submissions), history.run_row(
-        blend_id, experiment="blend",
+        blend_id, competition=identity, experiment="blend",
         backbone="+".join(dict.fromkeys(str(run_config.model.name) for run_config in run_configs)),
         metric=metric.name, created_at=datetime.now().isoformat(timespec="seconds"), fold_scores=fold_scores,
         oof_score=scores["blend"], oof_tta_score=scores["blend"],

@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                                  help="two run ids to compare fold by fold, and config overrides")
             command.add_argument("--plot", action="store_true",
                                  help="also write submissions/score_history.png: scores over time")
+            command.add_argument("--competition", metavar="NAME",
+                                 help="the competition (name or digest) whose runs to show; default: the config's")
             continue
         command.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. cv.folds=3")
         if name in ("submit", "report"):
@@ -52,6 +54,18 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--clear", action="store_true", help="delete the cache (rebuilt as runs need it)")
         if name == "lr-find":
             command.add_argument("--stage", type=int, default=0, help="index of the finetune stage (default 0)")
+    label = commands.add_parser("label-history", help="name the config's competition in score-history rows "
+                                "recorded before rows named it (all such rows, or the RUNs given)")
+    label.add_argument("overrides", nargs="*", metavar="RUN | key=value", help="run ids and config overrides")
+    label.add_argument("--config", help="experiment YAML file: its competition and paths.submissions")
+    predict = commands.add_parser("predict", help="predict image files or folders with a run's fold models and TTA",
+                                  description="predict image files or folders with a run's fold models and TTA: "
+                                              "a CSV of id, predicted label and per-class probabilities")
+    predict.add_argument("run", help="run id of a finished run")
+    predict.add_argument("inputs", nargs="+", metavar="PATH | key=value", help="image files and folders, and config "
+                                                                               "overrides")
+    predict.add_argument("--config", help="experiment YAML file: its paths.runs and experiment find the run")
+    predict.add_argument("--out", help="CSV to write (default: <paths.submissions>/<run>.predictions.csv)")
     init = commands.add_parser("init", help="guess a competition.yaml for a downloaded competition folder")
     init.add_argument("folder")
     init.add_argument("--force", action="store_true", help="overwrite an existing competition.yaml")
@@ -154,6 +168,21 @@ def _bench(args: argparse.Namespace) -> None:
     print(run_bench(config, args.seconds))
 
 
+def _predict(args: argparse.Namespace) -> None:
+    from labelcomp.config import load_config
+    from labelcomp.startup import configure
+
+    config = load_config(args.config, [item for item in args.inputs if "=" in item])
+    configure()
+    from labelcomp.submit import predict_images
+
+    inputs = [item for item in args.inputs if "=" not in item]
+    path, problems = predict_images(config, args.run, inputs, args.out)
+    for problem in problems:
+        print(f"left out: {problem}", file=sys.stderr)
+    print(f"predictions written: {path}")
+
+
 def _cache(args: argparse.Namespace) -> None:
     config = _config(args)
     from labelcomp.data import cache_folders, clear_cache
@@ -187,20 +216,43 @@ def _submit(args: argparse.Namespace) -> None:
 
 def _compare(args: argparse.Namespace) -> None:
     from labelcomp.config import load_config
-    from labelcomp.history import compare_runs, compare_table, history_path, plot_history, read_history
+    from labelcomp.history import compare_runs, compare_table, history_path, of_competition, plot_history, read_history
 
     runs = [item for item in args.overrides if "=" not in item]
     config = load_config(args.config, [item for item in args.overrides if "=" in item])
     path = history_path(config.paths.submissions)
-    history = read_history(path)
+    history, left_out = of_competition(read_history(path), args.competition or _competition(config).identity())
     if len(runs) == 2:
         print(compare_runs(history, *runs))
     elif runs:
         raise LabelcompError(f"compare takes two run ids to put side by side, got {len(runs)}: {runs}")
     else:
         print(compare_table(history))
+    if left_out:
+        print(left_out)
     if args.plot:
         print(f"plot written: {plot_history(history, path.with_suffix('.png'))}")
+
+
+def _competition(config):
+    from labelcomp.competition import Competition
+
+    if config.competition is None:
+        raise LabelcompError("the score history is read per competition: give the config's competition "
+                             "(competition=FOLDER) or --competition NAME")
+    return Competition.load(config.competition)
+
+
+def _label_history(args: argparse.Namespace) -> None:
+    from labelcomp.config import load_config
+    from labelcomp.history import history_path, label_rows
+
+    config = load_config(args.config, [item for item in args.overrides if "=" in item])
+    identity = _competition(config).identity()
+    runs = [item for item in args.overrides if "=" not in item]
+    labelled = label_rows(history_path(config.paths.submissions), identity, runs)
+    print(f"{len(labelled)} row(s) now of competition {identity['competition']} ({identity['competition_id']})"
+          + (f": {', '.join(labelled)}" if labelled else ""))
 
 
 def _record(args: argparse.Namespace) -> None:
@@ -240,7 +292,8 @@ def _check(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": _train, "submit": _submit, "compare": _compare, "probe": _probe, "lr-find": _lr_find,
             "init": _init, "check": _check, "lb": _record, "note": _record, "report": _report,
-            "bench": _bench, "cache": _cache}
+            "bench": _bench, "cache": _cache, "label-history": _label_history,
+            "predict": _predict}
 
 
 def main(argv: list[str] | None = None) -> int:

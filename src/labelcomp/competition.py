@@ -7,6 +7,7 @@ shape of the sample submission (header or none, separator, order, line endings).
 from __future__ import annotations
 
 import codecs
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -193,6 +194,13 @@ class Competition:
 
     def _fail(self, message: str) -> LabelcompError:
         return LabelcompError(f"{self.spec_path}: {message}")
+
+    def identity(self) -> dict[str, str]:
+        """What the score history knows the competition by: its name and a digest of its training table
+        (ids and labels), so runs are only compared on the same data."""
+        train = self.read_train()
+        digest = hashlib.blake2b(train[["id", "label"]].to_csv(index=False).encode(), digest_size=6).hexdigest()
+        return {"competition": self.spec.name, "competition_id": digest}
 
     def _check_spec(self) -> None:
         spec = self.spec

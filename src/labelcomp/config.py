@@ -67,6 +67,13 @@ class ClassWeights(Choice):
     sqrt = "sqrt"  # the square root of balanced: rare classes count more, not as much
 
 
+class LoggerName(Choice):
+    csv = "csv"
+    tensorboard = "tensorboard"
+    mlflow = "mlflow"
+    wandb = "wandb"
+
+
 class FoldWeights(Choice):
     equal = "equal"
     score = "score"  # test probabilities weighted by each fold's OOF score
@@ -213,6 +220,8 @@ class TrainerConfig:
     deterministic: Any = "warn"
     early_stopping_patience: int = 3
     progress_bar: bool = True
+    # Lightning loggers of each fold's curves (labelcomp.loggers); all but csv need their package
+    loggers: list[LoggerName] = field(default_factory=lambda: [LoggerName.csv])
 
 
 @dataclass

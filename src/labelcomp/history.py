@@ -1,6 +1,8 @@
 """The score-history log `submissions/score_history.csv`: locked atomic upserts, reading, tables.
 
-One row per run, updated when a submission or a leaderboard score is added.
+One row per run, updated when a submission or a leaderboard score is added. Every row names its
+competition (name and a digest of its training table): tables, plots and comparisons only relate
+runs of one competition.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from labelcomp.errors import LabelcompError
 from labelcomp.metrics import METRICS
 from labelcomp.runs import write_csv_atomic, write_figure_atomic
 
-LEAD_COLUMNS = ["run_id", "created_at", "experiment", "backbone", "metric", "n_folds"]
+LEAD_COLUMNS = ["run_id", "created_at", "competition", "competition_id", "experiment", "backbone", "metric",
+                "n_folds"]
 TRAIL_COLUMNS = ["cv_mean", "cv_std", "oof_score", "oof_tta_score", "submission", "lb_score", "notes"]
 
 
@@ -36,11 +39,14 @@ def read_history(path: Path) -> pd.DataFrame:
     if not path.is_file() or path.stat().st_size == 0:
         return pd.DataFrame(columns=LEAD_COLUMNS + TRAIL_COLUMNS)
     try:
-        return pd.read_csv(path, dtype={"run_id": str, "submission": str, "notes": str})
+        frame = pd.read_csv(path, dtype={"run_id": str, "submission": str, "notes": str, "competition": str,
+                                         "competition_id": str})
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
         reason = str(error).strip().splitlines()[-1].removeprefix("Error tokenizing data. C error: ")
         raise LabelcompError(f"{path}: damaged ({reason}); labelcomp leaves it as it is: fix or remove that line "
                              "in a text editor.") from None
+    # files written before rows named their competition
+    return frame.reindex(columns=list(dict.fromkeys([*frame.columns, "competition", "competition_id"])))
 
 
 def _upsert(path: Path, run_id: str, fields: dict[str, Any]) -> None:
@@ -62,12 +68,12 @@ def _upsert(path: Path, run_id: str, fields: dict[str, Any]) -> None:
 
 
 def run_row(
-    run_id: str, experiment: str, backbone: str, metric: str, created_at: str, fold_scores: list[float] | None,
-    oof_score: float, oof_tta_score: float, notes: str | None = None,
+    run_id: str, competition: dict[str, str], experiment: str, backbone: str, metric: str, created_at: str,
+    fold_scores: list[float] | None, oof_score: float, oof_tta_score: float, notes: str | None = None,
 ) -> dict[str, Any]:
-    """A run's history row (a training run, a probe or a blend); fold columns, CV mean and std where
-    it has fold scores."""
-    row: dict[str, Any] = {"run_id": run_id, "created_at": created_at, "experiment": experiment,
+    """A run's history row (a training run, a probe or a blend) for `competition` (Competition.identity);
+    fold columns, CV mean and std where it has fold scores."""
+    row: dict[str, Any] = {"run_id": run_id, "created_at": created_at, **competition, "experiment": experiment,
                            "backbone": backbone, "metric": metric, "oof_score": oof_score,
                            "oof_tta_score": oof_tta_score}
     if fold_scores:
@@ -84,10 +90,11 @@ def record_run(path: Path, row: dict[str, Any]) -> None:
     _upsert(path, row["run_id"], fields)
 
 
-def record_scores(path: Path, run_id: str, experiment: str, backbone: str, scores: dict[str, Any]) -> None:
+def record_scores(path: Path, run_id: str, competition: dict[str, str], experiment: str, backbone: str,
+                  scores: dict[str, Any]) -> None:
     """A finished run's row, from its scores.json."""
     record_run(path, run_row(
-        run_id, experiment=experiment, backbone=backbone, metric=scores["metric"], created_at=scores["finished_at"],
+        run_id, competition=competition, experiment=experiment, backbone=backbone, metric=scores["metric"], created_at=scores["finished_at"],
         fold_scores=[fold["score"] for fold in scores["folds"]], oof_score=scores["oof_score"],
         oof_tta_score=scores["oof_tta_score"]))
 
@@ -117,6 +124,39 @@ def record_note(path: Path, run_id: str, text: str) -> None:
     _known_run(path, run_id)
     _upsert(path, run_id, {"notes": text})
 
+
+def label_rows(path: Path, competition: dict[str, str], run_ids: list[str]) -> list[str]:
+    """Name `competition` in the rows of `run_ids`, or in every row without a competition when none are
+    given (histories written before rows named it); returns the run ids labelled."""
+    for run_id in run_ids:
+        _known_run(path, run_id)
+    with FileLock(str(path) + ".lock"):
+        frame = read_history(path)
+        chosen = frame["run_id"].isin(run_ids) if run_ids else frame["competition"].isna()
+        for column, value in competition.items():
+            frame[column] = frame[column].astype(object)
+            frame.loc[chosen, column] = value
+        if chosen.any():
+            write_csv_atomic(frame.reindex(columns=LEAD_COLUMNS + _fold_columns(frame.columns) + TRAIL_COLUMNS), path)
+    return frame.loc[chosen, "run_id"].tolist()
+
+
+def of_competition(frame: pd.DataFrame, competition: dict[str, str] | str) -> tuple[pd.DataFrame, str]:
+    """The rows of one competition, by identity (Competition.identity) or by a name or digest given on the
+    command line, and a line saying what was left out ("" when nothing was)."""
+    if isinstance(competition, dict):
+        chosen = frame["competition_id"] == competition["competition_id"]
+    else:
+        chosen = (frame["competition_id"] == competition) | (frame["competition"] == competition)
+    unlabelled = int(frame["competition"].isna().sum())
+    others = int((~chosen).sum()) - unlabelled
+    notes = []
+    if others:
+        notes.append(f"{others} row(s) of other competitions left out (--competition NAME shows one)")
+    if unlabelled:
+        notes.append(f"{unlabelled} row(s) recorded before rows named their competition left out; "
+                     f"`labelcomp label-history --config CONFIG [RUN ...]` names the config's competition in them")
+    return frame[chosen].reset_index(drop=True), "; ".join(notes)
 
 def _number(value: Any, digits: int = 4) -> str:
     return "" if pd.isna(value) else f"{float(value):.{digits}f}"
@@ -187,7 +227,8 @@ def compare_runs(frame: pd.DataFrame, first: str, second: str) -> str:
     for run_id in (first, second):
         match = frame[frame["run_id"] == run_id]
         if match.empty:
-            raise LabelcompError(f"no run '{run_id}' in the score history; `make compare` lists them")
+            raise LabelcompError(f"no run '{run_id}' in the score history of this competition; `make compare` "
+                                 "lists them")
         rows[run_id] = match.iloc[0]
     a, b = rows[first], rows[second]
     if a["metric"] != b["metric"] or a["n_folds"] != b["n_folds"]:

@@ -22,6 +22,7 @@ from labelcomp.augment import build_transforms
 from labelcomp.data import short_side
 from labelcomp.errors import LabelcompError
 from labelcomp.hardware import fastest_variant, loader_workers
+from labelcomp.loggers import check_loggers
 from labelcomp.model import apply_weights_card, build_model
 from labelcomp.schedule import resolve_stages
 
@@ -45,6 +46,7 @@ def resolve_config(config: DictConfig, num_classes: int, recorded: DictConfig | 
     if recorded is not None:
         keep_recorded_choices(resolved, recorded)
     check_trainer(resolved.trainer)
+    check_loggers(resolved)
     resolved.trainer.precision, resolved.trainer.channels_last = fastest_variant(resolved, num_classes)
     resolved.data.num_workers = loader_workers(resolved)
     resolved.data.short_side = short_side(resolved)

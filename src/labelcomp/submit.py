@@ -1,5 +1,6 @@
 """Test predictions of a finished run: every fold's best checkpoint with TTA, averaged, written in
-the sample submission's format, with the probabilities beside it and a note in the score history."""
+the sample submission's format, with the probabilities beside it and a note in the score history;
+and the same prediction for any images (`labelcomp predict`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from labelcomp import history
-from labelcomp.competition import Competition
+from labelcomp.competition import IMAGE_EXTENSIONS, Competition
 from labelcomp.config import load_config
 from labelcomp.data import ImageReader
 from labelcomp.ensemble import run_fold_weights
@@ -37,8 +38,9 @@ def submit(config: DictConfig, run_id: str | None = None, overrides: list[str] |
     test = competition.read_test()
     history_file = history.history_path(run_config.paths.submissions)
     if not history.is_recorded(history_file, run.run_id):  # its training stopped before recording it
-        history.record_scores(history_file, run.run_id, run_config.experiment, run_config.model.name,
-                              json.loads(run.scores.read_text()))
+        scores = json.loads(run.scores.read_text())
+        history.record_scores(history_file, run.run_id, scores.get("competition") or competition.identity(),
+                              run_config.experiment, run_config.model.name, scores)
     proba = predict_run_test(run, run_config, test)
     return write_submission(competition, run.run_id, test["id"], proba, Path(run_config.paths.submissions))
 
@@ -48,13 +50,58 @@ def predict_run_test(run: RunDir, run_config: DictConfig, test: pd.DataFrame) ->
     the configured fold weights."""
     images = ImageReader.from_config(run_config)  # the survey fills its cache for the fold models
     survey(test["path"].tolist(), images).raise_problems("test")
+    return predict_run(run, run_config, test, images)
+
+
+def predict_run(run: RunDir, run_config: DictConfig, frame: pd.DataFrame, images: ImageReader) -> np.ndarray:
+    """Probabilities (images, classes) of the images in `frame` (readable ones) from the run's fold models."""
     checkpoints = [run.checkpoint(fold) for fold in range(run_config.cv.folds)]
     missing = [str(path) for path in checkpoints if not path.is_file()]
     if missing:
         raise LabelcompError(f"run {run.run_id}: fold checkpoints missing: {missing}; finish training the run first")
     scores = json.loads(run.scores.read_text())
     views = policy_views(run_policy(scores, run_config.tta), run_config.tta)
-    return predict_folds(checkpoints, test, run_config, views, run_fold_weights(scores, run_config.ensemble), images)
+    return predict_folds(checkpoints, frame, run_config, views, run_fold_weights(scores, run_config.ensemble), images)
+
+
+def image_files(inputs: list[str]) -> list[str]:
+    """The image files named or found (recursively, sorted) in the folders named."""
+    files = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(str(found) for found in path.rglob("*")
+                            if found.is_file() and found.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            files.append(item)
+        else:
+            raise LabelcompError(f"{item}: no such file or folder; name image files or folders holding them")
+    if not files:
+        raise LabelcompError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(inputs)}")
+    return files
+
+
+def predict_images(config: DictConfig, run_id: str, inputs: list[str], out: str | None) -> tuple[Path, list[str]]:
+    """Predict image files with the run's fold ensemble and TTA policy: a CSV of id (the path as found),
+    predicted label and one probability per class. Undecodable files are left out and returned as
+    problems, so one bad photo costs only its own row."""
+    run = find_run(config.paths.runs, config.experiment, run_id)
+    run_config = load_config(run.config)
+    competition = Competition.load(run_config.competition)
+    paths = image_files(inputs)
+    images = ImageReader.from_config(run_config)
+    found = survey(paths, images)
+    readable = [path for path, digest in zip(paths, found.hashes) if digest]
+    if not readable:
+        raise LabelcompError(f"none of the {len(paths)} image file(s) could be read: {'; '.join(found.problems[:3])}")
+    frame = pd.DataFrame({"id": readable, "path": [str(Path(path).resolve()) for path in readable]})
+    proba = predict_run(run, run_config, frame, images)
+    labels = np.array(competition.labels)[proba.argmax(axis=1)]
+    table = pd.concat([pd.DataFrame({"id": readable, "label": labels}),
+                       pd.DataFrame(proba, columns=competition.labels)], axis=1)
+    path = Path(out) if out else Path(run_config.paths.submissions) / f"{run.run_id}.predictions.csv"
+    write_csv_atomic(table, path)
+    return path, found.problems
 
 
 def write_submission(

@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 from filelock import FileLock
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from labelcomp import __version__, history, ranks
@@ -33,6 +32,7 @@ from labelcomp.errors import LabelcompError
 from labelcomp.finetune import StagedFinetuning
 from labelcomp.folds import assign_folds, fold_groups
 from labelcomp.hardware import device_of, peak_memory_gb, reset_peak_memory
+from labelcomp.loggers import fold_loggers, log_run_scores
 from labelcomp.metrics import METRICS, multiclass_log_loss
 from labelcomp.model import ClassifierModule, class_weights
 from labelcomp.predict import load_classifier, predict_views
@@ -146,15 +146,16 @@ def finish_run(run_dir: RunDir, competition: Competition, config: DictConfig) ->
         if run_dir.scores.exists() and run_dir.scores.stat().st_mtime_ns >= max(
                 run_dir.fold_oof(fold).stat().st_mtime_ns for fold in range(config.cv.folds)):
             scores = json.loads(run_dir.scores.read_text())
-            record_run(run_dir, config, scores)
+            record_run(run_dir, competition, config, scores)
             return scores
         scores = score_run(run_dir, competition, config)
         try:
-            record_run(run_dir, config, scores)
+            record_run(run_dir, competition, config, scores)
             unrecorded = None
         except LabelcompError as error:  # the finished run is kept all the same; the row can come later
             unrecorded = error
         write_text_atomic(run_dir.scores, json.dumps(scores, indent=2) + "\n")
+        log_run_scores(config, run_dir, scores)
     if unrecorded is not None:
         raise LabelcompError(f"run {run_dir.run_id} is scored ({run_dir.scores}) but not in the score history: "
                              f"{unrecorded} Once it is fixed, `labelcomp train --resume {run_dir.run_id}` or "
@@ -176,10 +177,12 @@ def _follow_run(config: DictConfig, run_id: str, folds_to_train: list[int]) -> R
     return run_dir
 
 
-def record_run(run_dir: RunDir, config: DictConfig, scores: dict[str, Any]) -> None:
+def record_run(run_dir: RunDir, competition: Competition, config: DictConfig, scores: dict[str, Any]) -> None:
     """The run's row in the score history."""
-    history.record_scores(history.history_path(config.paths.submissions), run_dir.run_id, config.experiment,
-                          config.model.name, scores)
+    # scores.json of runs scored before it named the competition: the competition as it is now
+    identity = scores.get("competition") or competition.identity()
+    history.record_scores(history.history_path(config.paths.submissions), run_dir.run_id, identity,
+                          config.experiment, config.model.name, scores)
 
 
 def open_run(config: DictConfig, data: RunData, folds: pd.DataFrame,
@@ -267,7 +270,7 @@ def fit_fold(
             EarlyStopping(monitor=metric.monitor, mode=metric.mode, patience=config.trainer.early_stopping_patience),
             LearningRateMonitor(logging_interval="step"),
         ],
-        logger=CSVLogger(fold_dir, name="logs", version=""),
+        logger=fold_loggers(config, run_dir, fold),
         deterministic=config.trainer.deterministic,
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10,
         enable_progress_bar=config.trainer.progress_bar,
@@ -377,7 +380,7 @@ def score_run(run_dir: RunDir, competition: Competition, config: DictConfig) -> 
     ]
     fold_scores = np.array([row["score"] for row in fold_rows])
     scores = {
-        "run_id": run_dir.run_id, "metric": metric.name, "folds": fold_rows,
+        "run_id": run_dir.run_id, "competition": competition.identity(), "metric": metric.name, "folds": fold_rows,
         "cv_mean": float(fold_scores.mean()), "cv_std": float(fold_scores.std(ddof=1)),
         "oof_score": evaluate(plain, metric.score), "oof_tta_score": evaluate(tta, metric.score),
         "tta": {"policy": policy, "chosen_by": "oof" if config.tta.policy == "auto" else "config",
