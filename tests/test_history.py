@@ -96,18 +96,18 @@ def test_compare_relates_only_runs_of_one_competition(tmp_path, capsys):
     path = tmp_path / "score_history.csv"
     _three_runs(path)
     # another competition's run scores far higher: it is neither listed nor the best earlier run
-    record_run(path, {**_row("other", 3, "flowers", "beef00"), "created_at": "2026-11-24T10:30", "cv_mean": 0.95})
+    record_run(path, {**_row("rose", 3, "flowers", "beef00"), "created_at": "2026-11-24T10:30", "cv_mean": 0.95})
     assert main(["compare", "--competition", "comp", f"paths.submissions={tmp_path}"]) == 0
     out = capsys.readouterr().out
     lines = {line.split()[0]: line for line in out.splitlines()[1:4]}
     assert sorted(lines) == ["a", "b", "c"] and "+0.0300" in lines["b"] and "-0.0200" in lines["c"]
-    assert "other" not in out and "1 row(s) of other competitions left out" in out
+    assert "rose" not in out and "1 row(s) of other competitions left out" in out
     # by digest as well as by name
     assert main(["compare", "--competition", "beef00", f"paths.submissions={tmp_path}"]) == 0
     out = capsys.readouterr().out
-    assert "other" in out and "3 row(s) of other competitions left out" in out
-    assert main(["compare", "a", "other", "--competition", "comp", f"paths.submissions={tmp_path}"]) == 2
-    assert "no run 'other' in the score history of this competition" in capsys.readouterr().err
+    assert "rose" in out and "3 row(s) of other competitions left out" in out
+    assert main(["compare", "a", "rose", "--competition", "comp", f"paths.submissions={tmp_path}"]) == 2
+    assert "no run 'rose' in the score history of this competition" in capsys.readouterr().err
 
 
 def test_a_history_from_before_competitions_is_read_and_can_be_labelled(tmp_path, tiny_competition, capsys):
@@ -128,6 +128,7 @@ def test_a_history_from_before_competitions_is_read_and_can_be_labelled(tmp_path
     identity = Competition.load(tiny_competition).identity()
     assert f"1 row(s) now of competition tiny ({identity['competition_id']}): a" in capsys.readouterr().out
     assert main(["label-history", *settings]) == 0  # every row still without one
+    assert capsys.readouterr().out.strip().endswith(": b")
     history = read_history(path)
     assert set(history["competition"]) == {"tiny"} and set(history["competition_id"]) == {identity["competition_id"]}
     assert main(["compare", *settings]) == 0

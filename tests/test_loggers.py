@@ -45,7 +45,7 @@ def test_tensorboard_gets_each_folds_curves_the_config_and_the_run_scores(tmp_pa
     assert (run / "fold_0" / "logs" / "metrics.csv").is_file()  # csv as before
     for fold in (0, 1):
         events = EventAccumulator(str(run / "tensorboard" / f"fold_{fold}")).Reload()
-        assert {"train/loss_step", "val/accuracy", "val/loss"} <= set(events.Tags()["scalars"])
+        assert {"train/loss_epoch", "val/accuracy", "val/loss"} <= set(events.Tags()["scalars"])
         hyperparameters = yaml.safe_load((run / "tensorboard" / f"fold_{fold}" / "hparams.yaml").read_text())
         assert hyperparameters["augment"]["image_size"] == 32 and hyperparameters["experiment"] == "smoke"
     scores = EventAccumulator(str(run / "tensorboard" / "run")).Reload()

@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                                   description="predict image files or folders with a run's fold models and TTA: "
                                               "a CSV of id, predicted label and per-class probabilities")
     predict.add_argument("run", help="run id of a finished run")
-    predict.add_argument("inputs", nargs="+", metavar="PATH | key=value", help="image files and folders, and config "
+    predict.add_argument("overrides", nargs="+", metavar="PATH | key=value", help="image files and folders, and config "
                                                                                "overrides")
     predict.add_argument("--config", help="experiment YAML file: its paths.runs and experiment find the run")
     predict.add_argument("--out", help="CSV to write (default: <paths.submissions>/<run>.predictions.csv)")
@@ -172,11 +172,11 @@ def _predict(args: argparse.Namespace) -> None:
     from labelcomp.config import load_config
     from labelcomp.startup import configure
 
-    config = load_config(args.config, [item for item in args.inputs if "=" in item])
+    config = load_config(args.config, [item for item in args.overrides if "=" in item])
     configure()
     from labelcomp.submit import predict_images
 
-    inputs = [item for item in args.inputs if "=" not in item]
+    inputs = [item for item in args.overrides if "=" not in item]
     path, problems = predict_images(config, args.run, inputs, args.out)
     for problem in problems:
         print(f"left out: {problem}", file=sys.stderr)
