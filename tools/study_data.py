@@ -40,35 +40,31 @@ def build_competition(folder: Path, per_class: int, seed: int, holdout_per_class
     holdout = table.groupby("label").head(holdout_per_class)
     train = table.drop(holdout.index).groupby("label").head(per_class)
     test_ids = holdout["image"] if holdout_per_class else train["image"].head(20)
-    folder.mkdir(parents=True, exist_ok=True)
-    train.rename(columns={"image": "image_id"}).to_csv(folder / "train.csv", index=False)
-    pd.DataFrame({"image_id": test_ids}).to_csv(folder / "test.csv", index=False)
-    labels = sorted(table["label"].unique())
-    pd.DataFrame({"image_id": test_ids, "label": labels[0]}).to_csv(folder / "sample_submission.csv", index=False)
-    spec = {
-        "name": "cifar100-coarse-study", "metric": "accuracy", "labels": labels,
-        "train": {"csv": "train.csv", "id_column": "image_id", "label_column": "label", "images": str(DATA)},
-        "test": {"csv": "test.csv", "id_column": "image_id", "images": str(DATA)},
-        "submission": {"sample": "sample_submission.csv", "id_column": "image_id", "label_column": "label"},
-    }
-    (folder / "competition.yaml").write_text(yaml.safe_dump(spec))
+    write_competition(folder, "cifar100-coarse-study", train.rename(columns={"image": "image_id"}), test_ids,
+                      sorted(table["label"].unique()), DATA)
     return holdout
 
 
 def build_photo_competition(folder: Path) -> None:
     """The clothing photos as a competition read in place: all 3,068 for training (their held-out
     splits are not in ../shared), 20 of them standing in for the test split."""
-    table = pd.read_csv(PHOTOS / "train.csv")
+    table = pd.read_csv(PHOTOS / "train.csv").rename(columns={"image": "image_id"})
+    write_competition(folder, "clothing-photos-study", table, table["image_id"].head(20),
+                      sorted(table["label"].unique()), PHOTOS)
+
+
+def write_competition(folder: Path, name: str, train: pd.DataFrame, test_ids: pd.Series, labels: list[str],
+                      images: Path) -> None:
+    """A Kaggle-style competition folder over `images` read in place: `train` (image_id, label), the
+    test split `test_ids` and a sample submission."""
     folder.mkdir(parents=True, exist_ok=True)
-    table.to_csv(folder / "train.csv", index=False)
-    test_ids = table["image"].head(20)
-    pd.DataFrame({"image": test_ids}).to_csv(folder / "test.csv", index=False)
-    labels = sorted(table["label"].unique())
-    pd.DataFrame({"image": test_ids, "label": labels[0]}).to_csv(folder / "sample_submission.csv", index=False)
+    train.to_csv(folder / "train.csv", index=False)
+    pd.DataFrame({"image_id": test_ids}).to_csv(folder / "test.csv", index=False)
+    pd.DataFrame({"image_id": test_ids, "label": labels[0]}).to_csv(folder / "sample_submission.csv", index=False)
     spec = {
-        "name": "clothing-photos-study", "metric": "accuracy", "labels": labels,
-        "train": {"csv": "train.csv", "id_column": "image", "label_column": "label", "images": str(PHOTOS)},
-        "test": {"csv": "test.csv", "id_column": "image", "images": str(PHOTOS)},
-        "submission": {"sample": "sample_submission.csv", "id_column": "image", "label_column": "label"},
+        "name": name, "metric": "accuracy", "labels": labels,
+        "train": {"csv": "train.csv", "id_column": "image_id", "label_column": "label", "images": str(images)},
+        "test": {"csv": "test.csv", "id_column": "image_id", "images": str(images)},
+        "submission": {"sample": "sample_submission.csv", "id_column": "image_id", "label_column": "label"},
     }
     (folder / "competition.yaml").write_text(yaml.safe_dump(spec))
