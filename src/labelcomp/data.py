@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import albumentations as A
 import cv2
 import lightning as L
 import numpy as np
@@ -71,13 +72,14 @@ def read_image(path: str, short_side: int | None = None) -> np.ndarray:
     if image is None:
         raise LabelcompError(f"{path}: cannot be decoded as an image; replace or remove it")
     image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    height, width = image.shape[:2]
-    if short_side is None or min(height, width) <= short_side:
+    if short_side is None or min(image.shape[:2]) <= short_side:  # reduced, never enlarged
         return image
-    scale = short_side / min(height, width)
-    size = (short_side, max(short_side, round(height * scale))) if width < height else \
-        (max(short_side, round(width * scale)), short_side)
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return _reduction(short_side)(image=image)["image"]
+
+
+@functools.lru_cache(maxsize=8)
+def _reduction(short_side: int) -> A.SmallestMaxSize:
+    return A.SmallestMaxSize(max_size=short_side, interpolation=cv2.INTER_AREA, p=1.0)
 
 
 def short_side(config: DictConfig) -> int | None:
@@ -147,7 +149,7 @@ class DiskCache:
 
     def usage(self) -> tuple[int, int]:
         """(entries, bytes) in the cache folder."""
-        files = [path for path in self.folder.glob("*/*.npy")] if self.folder.is_dir() else []
+        files = list(self.folder.glob("*/*.npy"))
         return len(files), sum(path.stat().st_size for path in files)
 
 
@@ -175,7 +177,7 @@ class ImageReader:
 
     def __init__(self, short_side: int | None = None, cache: DiskCache | None = None, keep_in_memory: bool = False):
         self.short_side = short_side
-        self.cache = cache if short_side is not None else None
+        self.cache = cache
         self.memory: dict[str, np.ndarray] | None = {} if keep_in_memory else None
 
     @classmethod

@@ -54,10 +54,10 @@ def gpu_processes(devices) -> int:
 def loader_workers(config: DictConfig) -> int:
     """`data.num_workers`, with `auto` chosen for the cores. On CPU the model already uses every core and
     loader workers only take time from it (measured on 2 cores: 0 workers gave the best end-to-end
-    rate, 1 worker 0.67 of it; see the README for 224 px photos), so workers start at 8 cores. With
-    GPUs the cores are free for loading, and a GPU trains many times faster than one process loads
-    (one process reads and augments a few hundred 224 px photos/s from the disk cache here): each GPU
-    process gets its share of the cores, less one for itself."""
+    rate, 1 worker 0.67 of it; at 224 px the loader alone runs 35x the model's rate: see the README),
+    so workers start at 8 cores. With GPUs the cores are free for loading, and one loading process
+    (about 1,500 augmented 224 px photos/s from the disk cache on this CPU) is what a GPU outruns:
+    each GPU process gets its share of the cores, less one for itself (not measured on a GPU)."""
     if config.data.num_workers != "auto":
         return int(config.data.num_workers)
     available = cores()

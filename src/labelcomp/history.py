@@ -63,8 +63,11 @@ def _upsert(path: Path, run_id: str, fields: dict[str, Any]) -> None:
                 frame.loc[frame["run_id"] == run_id, column] = value
         else:
             frame = pd.concat([frame.astype(object), pd.DataFrame([row]).astype(object)], ignore_index=True)
-        columns = LEAD_COLUMNS + _fold_columns(frame.columns) + TRAIL_COLUMNS
-        write_csv_atomic(frame.reindex(columns=columns), path)
+        _write(frame, path)
+
+
+def _write(frame: pd.DataFrame, path: Path) -> None:
+    write_csv_atomic(frame.reindex(columns=LEAD_COLUMNS + _fold_columns(frame.columns) + TRAIL_COLUMNS), path)
 
 
 def run_row(
@@ -137,7 +140,7 @@ def label_rows(path: Path, competition: dict[str, str], run_ids: list[str]) -> l
             frame[column] = frame[column].astype(object)
             frame.loc[chosen, column] = value
         if chosen.any():
-            write_csv_atomic(frame.reindex(columns=LEAD_COLUMNS + _fold_columns(frame.columns) + TRAIL_COLUMNS), path)
+            _write(frame, path)
     return frame.loc[chosen, "run_id"].tolist()
 
 

@@ -22,6 +22,7 @@ from labelcomp.predict import predict_folds
 from labelcomp.resolve import keep_recorded_choices
 from labelcomp.runs import RunDir, find_run, write_csv_atomic
 from labelcomp.survey import survey
+from labelcomp.train import record_run
 from labelcomp.tta import policy_views, run_policy
 
 _logger = logging.getLogger(__name__)
@@ -38,9 +39,7 @@ def submit(config: DictConfig, run_id: str | None = None, overrides: list[str] |
     test = competition.read_test()
     history_file = history.history_path(run_config.paths.submissions)
     if not history.is_recorded(history_file, run.run_id):  # its training stopped before recording it
-        scores = json.loads(run.scores.read_text())
-        history.record_scores(history_file, run.run_id, scores.get("competition") or competition.identity(),
-                              run_config.experiment, run_config.model.name, scores)
+        record_run(run, competition, run_config, json.loads(run.scores.read_text()))
     proba = predict_run_test(run, run_config, test)
     return write_submission(competition, run.run_id, test["id"], proba, Path(run_config.paths.submissions))
 
