@@ -239,6 +239,64 @@ def test_lr_find_saves_its_plot_and_prints_a_suggestion(tmp_path, capsys):
     assert "--stage 5: the config has stages 0 to 1" in capsys.readouterr().err
 
 
+# runs the exported script with torch, timm, Albumentations, Lightning and labelcomp unimportable
+_WITHOUT_LABELCOMP = """
+import runpy, sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "timm", "albumentations", "lightning", "labelcomp"):
+            raise ImportError(name + " is not available to an exported script")
+sys.meta_path.insert(0, Refuse())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_export_predicts_offline_as_labelcomp_does(trained, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import cv2
+    import zipfile
+
+    folder = tmp_path / "images"
+    shutil.copytree(trained["competition"] / "test_images", folder)
+    # photos larger than the run's short side: decoded reduced by libjpeg, then reduced and resized by OpenCV
+    for number, image in enumerate(sorted((trained["competition"] / "train_images").iterdir())[:3]):
+        photo = cv2.resize(cv2.imread(str(image)), (300 + 50 * number, 400), interpolation=cv2.INTER_CUBIC)
+        cv2.imwrite(str(folder / f"photo_{number}.jpg"), photo, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a photo")
+    run_id, overrides = trained["run"].name, trained["overrides"]
+    expected_csv = tmp_path / "expected.csv"
+    assert main(["predict", run_id, str(folder), "--config", SMOKE, *overrides, "--out", str(expected_csv)]) == 0
+    capsys.readouterr()
+    assert main(["export", run_id, "--config", SMOKE, *overrides, "--out", str(tmp_path / "export"), "--zip"]) == 0
+    archive = tmp_path / "export.zip"
+    assert f"export written: {archive}" in capsys.readouterr().out
+    assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export*"))
+    unpacked = tmp_path / "notebook"
+    with zipfile.ZipFile(archive) as opened:
+        assert sorted(opened.namelist()) == ["fold_0.onnx", "fold_1.onnx", "labelcomp_export.json", "predict.py"]
+        opened.extractall(unpacked)
+    spec = json.loads((unpacked / "labelcomp_export.json").read_text())
+    scores = json.loads((trained["run"] / "scores.json").read_text())
+    assert spec["views"] and spec["tta_policy"] == scores["tta"]["policy"] and spec["short_side"] == 40
+    assert [model["weight"] for model in spec["models"]] == pytest.approx([0.5, 0.5])
+
+    got_csv = tmp_path / "got.csv"
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_LABELCOMP, str(unpacked / "predict.py"), str(folder),
+                           "--out", str(got_csv)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "broken.jpg" in done.stderr and f"predictions written: {got_csv}" in done.stdout
+    expected, got = pd.read_csv(expected_csv, dtype=str), pd.read_csv(got_csv, dtype=str)
+    labels = spec["labels"]
+    assert list(got.columns) == ["id", "label", *labels] and got["id"].tolist() == expected["id"].tolist()
+    assert len(got) == len(list(folder.iterdir())) - 1
+    assert got["label"].tolist() == expected["label"].tolist()
+    difference = np.abs(got[labels].astype(float).to_numpy() - expected[labels].astype(float).to_numpy())
+    assert difference.max() <= 1e-4
+
+
 @pytest.mark.slow
 def test_report_explains_a_run_with_plots(trained, capsys):
     assert main(["report", "--config", SMOKE, "--run", trained["run"].name, *trained["overrides"]]) == 0

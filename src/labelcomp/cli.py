@@ -66,6 +66,16 @@ def _parser() -> argparse.ArgumentParser:
                                                                                "overrides")
     predict.add_argument("--config", help="experiment YAML file: its paths.runs and experiment find the run")
     predict.add_argument("--out", help="CSV to write (default: <paths.submissions>/<run>.predictions.csv)")
+    export = commands.add_parser("export", help="a run's fold models as ONNX with a standalone predict.py (onnxruntime, "
+                                 "numpy, OpenCV, Pillow) for offline notebooks",
+                                 description="write a folder (or zip) with every fold model of a run as ONNX, the labels "
+                                             "and preprocessing as JSON, and predict.py, which needs neither labelcomp, "
+                                             "torch nor timm")
+    export.add_argument("run", help="run id of a finished run")
+    export.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    export.add_argument("--config", help="experiment YAML file: its paths.runs and experiment find the run")
+    export.add_argument("--out", help="folder to write (default: <run>/export)")
+    export.add_argument("--zip", action="store_true", help="write <folder>.zip instead of the folder")
     init = commands.add_parser("init", help="guess a competition.yaml for a downloaded competition folder")
     init.add_argument("folder")
     init.add_argument("--force", action="store_true", help="overwrite an existing competition.yaml")
@@ -183,6 +193,15 @@ def _predict(args: argparse.Namespace) -> None:
     print(f"predictions written: {path}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    config = _config(args)
+    from labelcomp.export import SCRIPT, export_run
+
+    path, size = export_run(config, args.run, args.out, args.zip)
+    script = SCRIPT if args.zip else path / SCRIPT
+    print(f"export written: {path} ({size / 1e6:.1f} MB); predict with: python {script} IMAGES... --out predictions.csv")
+
+
 def _cache(args: argparse.Namespace) -> None:
     config = _config(args)
     from labelcomp.data import cache_folders, clear_cache
@@ -293,7 +312,7 @@ def _check(args: argparse.Namespace) -> int:
 COMMANDS = {"train": _train, "submit": _submit, "compare": _compare, "probe": _probe, "lr-find": _lr_find,
             "init": _init, "check": _check, "lb": _record, "note": _record, "report": _report,
             "bench": _bench, "cache": _cache, "label-history": _label_history,
-            "predict": _predict}
+            "predict": _predict, "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -164,9 +164,13 @@ class ClassifierModule(L.LightningModule):
         if ema and ema["enabled"]:
             self.ema = ModelEmaV3(self.net, decay=ema["decay"], use_warmup=ema["use_warmup"])
 
+    def predicting_net(self) -> nn.Module:
+        """The network that predicts outside training (validation, checkpoint selection, OOF, test,
+        export): the averaged weights where EMA keeps them."""
+        return self.ema.module if self.ema is not None else self.net
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # outside training (validation, checkpoint selection, OOF and test) the averaged weights predict
-        net = self.ema.module if self.ema is not None and not self.training else self.net
+        net = self.net if self.training else self.predicting_net()
         return net(images.contiguous(memory_format=self.memory_format))
 
     def _mixes(self) -> bool:

@@ -32,23 +32,26 @@ class ViewPredictor(L.LightningModule):
     of one shape go through the network together (one large batch beats several small ones), in
     chunks of at most `max_images` images, which bounds memory whatever the number of views."""
 
-    def __init__(self, network: nn.Module, views: list, max_images: int):
+    def __init__(self, network: nn.Module, views: list, max_images: int | None):
         super().__init__()
         self.network = network
         self.views = views
-        self.max_images = max_images
+        self.max_images = max_images  # None: one pass per shape (an exported graph, whose batch varies)
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images = batch[0]
+        return self(batch[0])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         viewed = [view(images) for view in self.views]
         by_shape: dict[tuple, list[int]] = defaultdict(list)
         for position, view in enumerate(viewed):
-            by_shape[tuple(view.shape)].append(position)
+            by_shape[tuple(view.shape[1:])].append(position)  # the batch size is free in an exported graph
         outputs: list[torch.Tensor | None] = [None] * len(viewed)
         for positions in by_shape.values():
             stacked = torch.cat([viewed[position] for position in positions])
-            result = torch.cat([self.network(chunk) for chunk in stacked.split(self.max_images)])
-            for position, output in zip(positions, result.split(len(images))):
+            chunks = stacked.split(self.max_images) if self.max_images else [stacked]
+            result = torch.cat([self.network(chunk) for chunk in chunks])
+            for position, output in zip(positions, result.unflatten(0, (len(positions), -1))):
                 outputs[position] = output
         return torch.stack(outputs)
 

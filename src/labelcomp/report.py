@@ -58,7 +58,7 @@ def _grid(rows: pd.DataFrame, paths: dict[str, str], title: str, path: Path) -> 
 def grad_cam(classifier, image: torch.Tensor, target: int) -> np.ndarray | None:
     """Class-activation map of `target` over the last feature map (CNNs); None where the features
     are not a spatial map (ViT tokens)."""
-    net = classifier.ema.module if classifier.ema is not None else classifier.net  # the weights that predicted
+    net = classifier.predicting_net()
     with torch.no_grad():
         features = net.forward_features(image[None])
     if features.ndim != 4:

@@ -21,8 +21,10 @@ _QUIET_WARNINGS = (
     ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
 )
 
-# Lightning's hardware and seed notices and timm's weight-loading notices repeat for every fold
-_QUIET_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed", "timm")
+# Lightning's hardware and seed notices and timm's weight-loading notices repeat for every fold; the
+# ONNX exporter's optimizer narrates each of its passes (hundreds of lines per fold model)
+_QUIET_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed", "timm",
+                  "onnxscript", "onnx_ir", "torch.onnx")
 
 
 def configure() -> None:
