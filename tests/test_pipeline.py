@@ -299,16 +299,66 @@ def test_export_predicts_offline_as_labelcomp_does(trained, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_report_explains_a_run_with_plots(trained, capsys):
-    assert main(["report", "--config", SMOKE, "--run", trained["run"].name, *trained["overrides"]]) == 0
-    report = (trained["run"] / "report.md").read_text()
-    assert f"report written: {trained['run'] / 'report.md'}" in capsys.readouterr().out
-    for section in ("## Config changes from the defaults", "## Folds", "## Confusion matrix",
-                    "## Per-class accuracy", "## Most confident mistakes", "## Grad-CAM"):
+    run = trained["run"]
+    assert main(["report", "--config", SMOKE, "--run", run.name, *trained["overrides"]]) == 0
+    report = (run / "report.md").read_text()
+    assert f"report written: {run / 'report.html'} (one page, images inside) and {run / 'report.md'}" in capsys.readouterr().out
+    for section in ("## Score progression", "## Config changes from the defaults", "## Folds", "## Confusion matrix",
+                    "## Per-class scores", "## Most confident mistakes", "## Grad-CAM"):
         assert section in report
-    assert "`cv.folds`: 5 → 2" in report and "CV accuracy:" in report
-    for picture in ("confusion_matrix.png", "mistakes.png", "best.png", "grad_cam.png"):
+    assert "`cv.folds`: 5 → 2" in report and "CV accuracy:" in report and run.name in report
+    for picture in ("score_history.png", "confusion_matrix.png", "mistakes.png", "best.png", "grad_cam.png"):
         assert f"]({picture})" in report
-        assert (trained["run"] / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (run / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (run / "report.html").read_text()
+    # self-contained: every image is inside the page, nothing is fetched
+    assert page.count('<img src="data:image/png;base64,') == 5 and "http" not in page
+    assert "<code>cv.folds</code>: 5 → 2" in page and "recall (accuracy)" in page
+
+
+def _headless_chromium():
+    """Debian's chromium driven through chromedriver (apt-get install chromium chromium-driver), or a skip."""
+    pytest.importorskip("selenium")
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    # no sandbox as root in containers; no background connections, which a closed network refuses
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--window-size=1280,900"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+@pytest.mark.slow
+def test_report_page_renders_in_a_browser_with_every_image(trained, tmp_path):
+    run = trained["run"]
+    if not (run / "report.html").is_file():
+        assert main(["report", "--config", SMOKE, "--run", run.name, *trained["overrides"]]) == 0
+    browser = _headless_chromium()
+    try:
+        browser.get((run / "report.html").as_uri())
+        images = browser.execute_script(
+            "return [...document.images].map(image => [image.alt, image.complete, image.naturalWidth])")
+        headings = browser.execute_script("return [...document.querySelectorAll('h2')].map(h => h.textContent)")
+        errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+        browser.set_window_size(1280, browser.execute_script("return document.body.scrollHeight") + 50)
+        screenshot = tmp_path / "report.png"
+        assert browser.save_screenshot(str(screenshot))
+    finally:
+        browser.quit()
+    assert errors == []
+    assert [alt for alt, complete, width in images if complete and width > 0] == [
+        "score history", "confusion matrix", "most confident mistakes", "most confident correct predictions",
+        "Grad-CAM"]
+    assert headings[:3] == ["Score progression", "Folds", "Per-class scores (OOF with TTA)"]
+    from PIL import Image
+    assert Image.open(screenshot).size[1] > 2000  # the whole page, images laid out
 
 
 def test_every_listed_tta_policy_is_scored_on_oof_and_auto_takes_the_best(trained):

@@ -93,7 +93,6 @@ def test_ema_weights_are_validated_checkpointed_and_predict(tmp_path):
 
 
 def test_grad_cam_points_at_the_evidence_and_skips_vit_tokens():
-    from types import SimpleNamespace
 
     from labelcomp.report import grad_cam
 
@@ -108,7 +107,7 @@ def test_grad_cam_points_at_the_evidence_and_skips_vit_tokens():
         def forward_head(self, features):
             return features.mean(dim=(2, 3)) @ torch.tensor([[0.0, 3.0], [1.0, 0.0]])
 
-    cam = grad_cam(SimpleNamespace(net=HotSpot(), ema=None), torch.zeros(3, 32, 32), target=1)
+    cam = grad_cam(HotSpot(), torch.zeros(3, 32, 32), target=1)
     assert cam.shape == (32, 32) and cam.max() == pytest.approx(1.0) and cam.min() >= 0
     assert cam[:8, :8].mean() > 0.9 and cam[24:, 24:].max() == 0  # bright where the evidence is
     vit = ClassifierModule(
@@ -117,4 +116,4 @@ def test_grad_cam_points_at_the_evidence_and_skips_vit_tokens():
         optim={"name": "adamw", "weight_decay": 0.0, "label_smoothing": 0.0},
         finetune={"stages": STAGES, "min_lr_ratio": 0.01}, num_classes=3, metric="accuracy",
     ).eval()
-    assert grad_cam(vit, torch.zeros(3, 32, 32), target=1) is None
+    assert grad_cam(vit.predicting_net(), torch.zeros(3, 32, 32), target=1) is None

@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
         ("compare", "print every run of the score history"),
         ("probe", "the frozen-feature baseline: LogisticRegression on pretrained features, per fold"),
         ("lr-find", "suggest a learning rate for a fine-tuning stage (Lightning's lr range test)"),
-        ("report", "write report.md with plots into a finished run's folder"),
+        ("report", "write report.html (self-contained) and report.md with plots into a finished run's folder"),
         ("bench", "measure model-only, pipeline, loading and inference speed side by side"),
         ("cache", "show the size of the decoded-image cache (data.cache_dir), or clear it with --clear"),
     ):
@@ -168,7 +168,8 @@ def _report(args: argparse.Namespace) -> None:
     config = _config(args)
     from labelcomp.report import write_report
 
-    print(f"report written: {write_report(config, args.run)}")
+    markdown, page = write_report(config, args.run)
+    print(f"report written: {page} (one page, images inside) and {markdown} (PNGs beside it)")
 
 
 def _bench(args: argparse.Namespace) -> None:

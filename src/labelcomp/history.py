@@ -254,7 +254,8 @@ def compare_runs(frame: pd.DataFrame, first: str, second: str) -> str:
 
 
 def plot_history(frame: pd.DataFrame, path: Path) -> Path:
-    """Score progression over time: CV mean with each run's fold spread, and leaderboard scores."""
+    """Score progression over time: CV mean with each run's fold spread, OOF with and without TTA, and
+    leaderboard scores."""
     from matplotlib.figure import Figure
 
     if frame.empty:
@@ -269,6 +270,7 @@ def plot_history(frame: pd.DataFrame, path: Path) -> Path:
         axis.scatter([position] * len(scores), scores, color="tab:blue", alpha=0.35, s=14,
                      label="fold scores" if position == 0 else None)
     axis.plot(order, frame["cv_mean"].astype(float), "o-", color="tab:blue", label="CV mean")
+    axis.plot(order, frame["oof_score"].astype(float), "^:", color="tab:olive", alpha=0.8, label="OOF")
     axis.plot(order, frame["oof_tta_score"].astype(float), "s--", color="tab:green", alpha=0.8, label="OOF with TTA")
     if frame["lb_score"].notna().any():
         axis.plot(order, frame["lb_score"].astype(float), "D", color="tab:red", label="leaderboard")

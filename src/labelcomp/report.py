@@ -1,11 +1,15 @@
-"""`labelcomp report RUN`: report.md in the run folder, with PNGs beside it: the config's differences
-from the defaults, the fold table, a confusion matrix, per-class accuracy, the most confident
-mistakes and best predictions from OOF, and Grad-CAM maps of some mistakes from the fold model that
-never saw them."""
+"""`labelcomp report RUN`: report.md in the run folder, with PNGs beside it, and report.html, one
+self-contained page to present or share (every image inside it): the score progression over the
+competition's runs, the fold table, per-class scores, a confusion matrix, the most confident mistakes
+and best predictions from OOF, Grad-CAM maps of some mistakes from the fold model that never saw
+them, and the config's differences from the defaults."""
 
 from __future__ import annotations
 
+import base64
 import json
+from dataclasses import dataclass
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
-from sklearn.metrics import ConfusionMatrixDisplay
+from sklearn.metrics import ConfusionMatrixDisplay, classification_report
 
 from labelcomp.augment import build_transforms
 from labelcomp.competition import Competition
 from labelcomp.config import load_config
 from labelcomp.data import normalize, read_image
-from labelcomp.history import fold_table
+from labelcomp.history import fold_table, history_path, of_competition, plot_history, read_history
 from labelcomp.predict import load_classifier
 from labelcomp.runs import RunDir, find_run, read_table, write_figure_atomic, write_text_atomic
 
@@ -34,10 +38,11 @@ def _flatten(tree, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: tree}
 
 
-def config_differences(config: DictConfig) -> list[str]:
+def config_differences(config: DictConfig) -> list[tuple[str, str, str]]:
+    """(key, default, value) for every setting the run's config changes."""
     defaults = _flatten(OmegaConf.to_container(load_config(None, []), resolve=True))
     current = _flatten(OmegaConf.to_container(config, resolve=True))
-    return [f"`{key}`: {defaults.get(key, '—')} → {value}" for key, value in current.items()
+    return [(key, str(defaults.get(key, "—")), str(value)) for key, value in current.items()
             if defaults.get(key) != value]
 
 
@@ -55,10 +60,9 @@ def _grid(rows: pd.DataFrame, paths: dict[str, str], title: str, path: Path) -> 
     write_figure_atomic(figure, path)
 
 
-def grad_cam(classifier, image: torch.Tensor, target: int) -> np.ndarray | None:
-    """Class-activation map of `target` over the last feature map (CNNs); None where the features
-    are not a spatial map (ViT tokens)."""
-    net = classifier.predicting_net()
+def grad_cam(net: torch.nn.Module, image: torch.Tensor, target: int) -> np.ndarray | None:
+    """Class-activation map of `target` over the last feature map of a timm network (CNNs); None where
+    the features are not a spatial map (ViT tokens)."""
     with torch.no_grad():
         features = net.forward_features(image[None])
     if features.ndim != 4:
@@ -71,7 +75,8 @@ def grad_cam(classifier, image: torch.Tensor, target: int) -> np.ndarray | None:
     return (cam / cam.max()).numpy() if cam.max() > 0 else cam.numpy()
 
 
-def write_report(config: DictConfig, run_id: str | None = None) -> Path:
+def write_report(config: DictConfig, run_id: str | None = None) -> tuple[Path, Path]:
+    """report.md (PNGs beside it) and report.html (the same with every image inside) in the run folder."""
     run: RunDir = find_run(config.paths.runs, config.experiment, run_id)
     run_config = load_config(run.config)
     competition = Competition.load(run_config.competition)
@@ -91,8 +96,6 @@ def write_report(config: DictConfig, run_id: str | None = None) -> Path:
     axis.set_title("OOF confusion matrix (with TTA)")
     write_figure_atomic(figure, run.root / "confusion_matrix.png")
 
-    per_class = oof.assign(correct=oof["label"] == oof["predicted"]).groupby("label")["correct"].agg(["mean", "size"])
-    per_class = per_class.reindex(labels).rename(columns={"mean": "accuracy", "size": "images"})
     wrong = oof[oof["label"] != oof["predicted"]].sort_values("confidence", ascending=False)
     right = oof[oof["label"] == oof["predicted"]].sort_values("confidence", ascending=False)
     _grid(wrong.head(GRID), paths, "most confident mistakes (OOF)", run.root / "mistakes.png")
@@ -105,7 +108,7 @@ def write_report(config: DictConfig, run_id: str | None = None) -> Path:
         picture = read_image(paths[row["id"]])
         image = normalize(torch.from_numpy(transform(image=picture)["image"])[None], run_config.augment.mean,
                           run_config.augment.std)
-        cam = grad_cam(classifier, image[0], labels.index(row["predicted"]))
+        cam = grad_cam(classifier.predicting_net(), image[0], labels.index(row["predicted"]))
         if cam is not None:
             cams.append((row, picture, cam))
     if cams:
@@ -123,22 +126,136 @@ def write_report(config: DictConfig, run_id: str | None = None) -> Path:
         figure.suptitle("Grad-CAM of the predicted class, fold model that never saw the image")
         write_figure_atomic(figure, run.root / "grad_cam.png")
 
-    lines = [
-        f"# Run {run.run_id}", "",
-        f"Backbone `{run_config.model.name}`, competition `{competition.spec.name}`, metric {scores['metric']}.", "",
-        "## Config changes from the defaults", "", *(f"- {change}" for change in config_differences(run_config)), "",
-        "## Folds", "", "```", fold_table(scores), "```", "",
-        "## Confusion matrix", "", "![confusion matrix](confusion_matrix.png)", "",
-        "## Per-class accuracy (OOF with TTA)", "",
-        "```", per_class.to_string(float_format=lambda value: f"{value:.3f}"), "```", "",
-        "## Most confident mistakes", "", "![mistakes](mistakes.png)", "",
-        "## Most confident correct predictions", "", "![best](best.png)", "",
-    ]
+    figures = {"confusion matrix": run.root / "confusion_matrix.png", "most confident mistakes": run.root / "mistakes.png",
+               "most confident correct predictions": run.root / "best.png"}
     if cams:
-        lines += ["## Grad-CAM", "", "Where the fold model looked for the class it wrongly predicted.", "",
-                  "![grad-cam](grad_cam.png)", ""]
-    else:
-        lines += ["Grad-CAM: the backbone's features are not a spatial map (e.g. ViT tokens); skipped.", ""]
-    path = run.root / "report.md"
-    write_text_atomic(path, "\n".join(lines))
-    return path
+        figures["Grad-CAM"] = run.root / "grad_cam.png"
+    progression, progression_note, progression_figure = _progression(run, run_config, scores, competition)
+    report = Report(
+        run_id=run.run_id,
+        summary=f"Backbone {run_config.model.name}, competition {competition.spec.name}, metric {scores['metric']}.",
+        changes=config_differences(run_config), scores=scores, per_class=per_class_scores(target, proba, labels),
+        progression=progression, progression_note=progression_note, progression_figure=progression_figure,
+        figures=figures, grad_cam=bool(cams),
+    )
+    markdown, page = run.root / "report.md", run.root / "report.html"
+    write_text_atomic(markdown, report.markdown())
+    write_text_atomic(page, report.html())
+    return markdown, page
+
+
+def per_class_scores(target: np.ndarray, proba: np.ndarray, labels: list[str]) -> pd.DataFrame:
+    """Precision, recall (the class's accuracy), F1 and images per class, from OOF with TTA."""
+    table = classification_report(target, proba.argmax(1), labels=range(len(labels)), target_names=labels,
+                                  output_dict=True, zero_division=0)
+    frame = pd.DataFrame({label: table[label] for label in labels}).T
+    return frame.rename(columns={"recall": "recall (accuracy)", "support": "images"}).astype({"images": int})
+
+
+def _progression(run: RunDir, run_config: DictConfig, scores: dict, competition: Competition,
+                 ) -> tuple[pd.DataFrame | None, str, Path | None]:
+    """The competition's runs from the score history, what was left out, and their plot in the run folder."""
+    path = history_path(run_config.paths.submissions)
+    if not path.is_file():
+        return None, f"no score history at {path} yet", None
+    rows, left_out = of_competition(read_history(path), scores.get("competition") or competition.identity())
+    if rows.empty:
+        return None, f"no runs of this competition in {path}", None
+    figure = plot_history(rows, run.root / "score_history.png")
+    columns = ["run_id", "created_at", "experiment", "backbone", "cv_mean", "cv_std", "oof_score", "oof_tta_score",
+               "lb_score", "notes"]
+    return rows.sort_values("created_at", kind="stable")[columns], left_out, figure
+
+
+@dataclass
+class Report:
+    """What the report says, written as Markdown (PNGs beside it) and as one self-contained HTML page."""
+
+    run_id: str
+    summary: str
+    changes: list[tuple[str, str, str]]
+    scores: dict
+    per_class: pd.DataFrame
+    progression: pd.DataFrame | None
+    progression_note: str
+    progression_figure: Path | None
+    figures: dict[str, Path]
+    grad_cam: bool
+
+    def markdown(self) -> str:
+        lines = [f"# Run {self.run_id}", "", self.summary, ""]
+        lines += ["## Score progression", ""]
+        if self.progression is not None:
+            lines += [f"![score history]({self.progression_figure.name})", "", "```",
+                      self.progression.to_string(index=False, na_rep="", float_format=_four), "```", ""]
+        if self.progression_note:
+            lines += [self.progression_note, ""]
+        lines += ["## Config changes from the defaults", "", *(f"- `{key}`: {default} → {value}" for key, default, value in self.changes), "",
+                  "## Folds", "", "```", fold_table(self.scores), "```", "",
+                  "## Per-class scores (OOF with TTA)", "", "```", self.per_class.to_string(float_format=_three), "```", ""]
+        for title, path in self.figures.items():
+            lines += [f"## {_heading(title)}", ""]
+            if title == "Grad-CAM":
+                lines += ["Where the fold model looked for the class it wrongly predicted.", ""]
+            lines += [f"![{title}]({path.name})", ""]
+        if not self.grad_cam:
+            lines += ["Grad-CAM: the backbone's features are not a spatial map (e.g. ViT tokens); skipped.", ""]
+        return "\n".join(lines)
+
+    def html(self) -> str:
+        body = [f"<h1>Run {escape(self.run_id)}</h1>", f"<p>{escape(self.summary)}</p>", "<h2>Score progression</h2>"]
+        if self.progression is not None:
+            body += [_embedded(self.progression_figure, "score history"),
+                     self.progression.to_html(index=False, na_rep="", float_format=_four, classes="table")]
+        if self.progression_note:
+            body.append(f"<p class=note>{escape(self.progression_note)}</p>")
+        body += ["<h2>Folds</h2>", f"<pre>{escape(fold_table(self.scores))}</pre>",
+                 "<h2>Per-class scores (OOF with TTA)</h2>", self.per_class.to_html(float_format=_three, classes="table")]
+        for title, path in self.figures.items():
+            body += [f"<h2>{escape(_heading(title))}</h2>", _embedded(path, title)]
+        if not self.grad_cam:
+            body.append("<p class=note>Grad-CAM: the backbone's features are not a spatial map (e.g. ViT tokens); "
+                        "skipped.</p>")
+        body += ["<h2>Config changes from the defaults</h2>",
+                 "<ul>" + "".join(f"<li><code>{escape(key)}</code>: {escape(default)} → {escape(value)}</li>"
+                                 for key, default, value in self.changes) + "</ul>"]
+        return _PAGE.format(title=escape(f"labelcomp run {self.run_id}"), body="\n".join(body))
+
+def _heading(title: str) -> str:
+    return title[0].upper() + title[1:]
+
+
+def _three(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def _four(value: float) -> str:
+    return f"{value:.4f}"
+
+
+def _embedded(path: Path, alt: str) -> str:
+    """The PNG inside the page, so the one file can be mailed or presented as it is."""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{escape(alt)}">'
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }}
+img {{ max-width: 100%; display: block; margin: 0.5em 0 1em; }}
+table.table {{ border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0 1em; }}
+table.table th, table.table td {{ border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: right; }}
+table.table th {{ background: #f3f3f3; }}
+pre {{ background: #f7f7f7; padding: 0.8em; overflow-x: auto; }}
+.note {{ color: #666; font-style: italic; }}
+</style>
+</head>
+<body>
+{body}
+</body>
+</html>
+"""
