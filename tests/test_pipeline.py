@@ -123,7 +123,8 @@ def test_history_row_has_the_contract_columns(trained):
     assert list(history.columns) == [
         "run_id", "created_at", "competition", "competition_id", "experiment", "backbone", "metric", "n_folds",
         "fold_0", "fold_1",
-        "cv_mean", "cv_std", "oof_score", "oof_tta_score", "submission", "lb_score", "notes",
+        "cv_mean", "cv_std", "oof_score", "oof_tta_score", "submission", "lb_score", "parent_run", "pseudo_threshold",
+        "pseudo_images", "notes",
     ]
     scores = json.loads((trained["run"] / "scores.json").read_text())
     row = history.iloc[0]
@@ -396,7 +397,7 @@ def test_every_listed_tta_policy_is_scored_on_oof_and_auto_takes_the_best(traine
 
 
 def test_submit_predicts_with_the_policy_the_run_chose_and_the_fold_weights(trained, monkeypatch):
-    from labelcomp import submit as submit_module
+    from labelcomp import predict as predict_module
 
     calls = []
 
@@ -404,7 +405,7 @@ def test_submit_predicts_with_the_policy_the_run_chose_and_the_fold_weights(trai
         calls.append((views, weights))
         return np.full((len(frame), 4), 0.25)
 
-    monkeypatch.setattr(submit_module, "predict_folds", recording)
+    monkeypatch.setattr(predict_module, "predict_folds", recording)
     scores = json.loads((trained["run"] / "scores.json").read_text())
     fold_scores = np.array([fold["score"] for fold in scores["folds"]])
     assert main(["submit", "--config", SMOKE, *trained["overrides"]]) == 0

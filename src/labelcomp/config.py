@@ -74,6 +74,11 @@ class LoggerName(Choice):
     wandb = "wandb"
 
 
+class PseudoTargets(Choice):
+    hard = "hard"  # the ensemble's class
+    soft = "soft"  # the ensemble's probabilities
+
+
 class FoldWeights(Choice):
     equal = "equal"
     score = "score"  # test probabilities weighted by each fold's OOF score
@@ -250,6 +255,20 @@ class EnsembleConfig:
 
 
 @dataclass
+class PseudoConfig:
+    """Pseudo-labels from a finished run of the same competition: its fold ensemble (with its TTA policy)
+    labels the test images, and those it is confident of join every fold's training images, never a
+    validation fold, so OOF scores stay honest."""
+
+    from_run: Optional[str] = None  # the parent run's id (any experiment under paths.runs); null: off
+    # the confidence threshold is the lowest at which the parent's OOF predictions (with TTA) at least as
+    # confident are right this often
+    precision: float = 0.95
+    threshold: Optional[float] = None  # set: used as it is; null: chosen from `precision` (and recorded)
+    targets: PseudoTargets = PseudoTargets.hard
+
+
+@dataclass
 class PathsConfig:
     runs: str = "runs"
     submissions: str = "submissions"
@@ -273,6 +292,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tta: TTAConfig = field(default_factory=TTAConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
@@ -330,6 +350,8 @@ _RANGES = [
     ("tta.crop", lambda value: 0 < value <= 1, "a fraction of the image side in (0, 1]"),
     ("tta.max_images", lambda value: value >= 1, "at least 1 image per forward pass"),
     ("tta.policies", lambda value: len(value) > 0, "at least one policy to score on OOF and choose from"),
+    ("pseudo.precision", lambda value: 0 < value <= 1, "a precision in (0, 1], e.g. 0.95"),
+    ("pseudo.threshold", lambda value: value is None or 0 <= value <= 1, "a probability in [0, 1], or null"),
 ]
 
 
@@ -338,6 +360,9 @@ def _check_combinations(config: DictConfig, source: str) -> None:
     if mixes and config.loss.class_weights != "none":
         raise LabelcompError(f"{source}: loss.class_weights={config.loss.class_weights} weighs hard labels, and mixup "
                              "makes soft ones; set loss.class_weights=none or mixup.mixup_alpha=0 mixup.cutmix_alpha=0")
+    if mixes and config.pseudo.from_run is not None and config.pseudo.targets == "soft":
+        raise LabelcompError(f"{source}: pseudo.targets=soft and mixup both make soft targets, which timm's Mixup "
+                             "does not mix; set pseudo.targets=hard or mixup.mixup_alpha=0 mixup.cutmix_alpha=0")
 
 
 def _check_ranges(config: DictConfig, source: str) -> None:

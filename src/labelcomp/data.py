@@ -210,20 +210,26 @@ class ImageReader:
 
 
 class ImageDataset(Dataset):
-    """(transformed uint8 (H, W, C) image, class index) pairs; the index is -1 where labels are unknown (test)."""
+    """(transformed uint8 (H, W, C) image, target) pairs. The target is the class index (-1 where labels
+    are unknown: test), or where the frame has `soft_target` that row's class probabilities (soft
+    pseudo-labels), which the cross-entropy takes as they are."""
 
     def __init__(self, frame: pd.DataFrame, transform: Callable, images: ImageReader):
         self.paths = frame["path"].tolist()
-        self.targets = frame["target"].to_numpy() if "target" in frame else np.full(len(frame), -1)
+        if "soft_target" in frame:
+            self.targets = np.stack(frame["soft_target"].to_numpy()).astype(np.float32)
+        else:
+            self.targets = frame["target"].to_numpy() if "target" in frame else np.full(len(frame), -1)
         self.transform = transform
         self.images = images
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int | np.ndarray]:
         image = self.transform(image=self.images(self.paths[index]))["image"]
-        return image, int(self.targets[index])
+        target = self.targets[index]
+        return image, target if target.ndim else int(target)
 
 
 @functools.lru_cache(maxsize=32)

@@ -26,7 +26,7 @@ from labelcomp.config import load_config
 from labelcomp.data import short_side
 from labelcomp.ensemble import run_fold_weights
 from labelcomp.errors import LabelcompError
-from labelcomp.predict import ViewPredictor, load_classifier
+from labelcomp.predict import ViewPredictor, fold_checkpoints, load_classifier
 from labelcomp.runs import RunDir, find_run, write_text_atomic
 from labelcomp.tta import policy_views, run_policy, view_transforms
 
@@ -81,10 +81,7 @@ def export_run(config: DictConfig, run_id: str | None, out: str | None, make_zip
     scores = json.loads(run.scores.read_text())
     policy = run_policy(scores, run_config.tta)
     views = policy_views(policy, run_config.tta)
-    checkpoints = [run.checkpoint(fold) for fold in range(run_config.cv.folds)]
-    missing = [str(path) for path in checkpoints if not path.is_file()]
-    if missing:
-        raise LabelcompError(f"run {run.run_id}: fold checkpoints missing: {missing}; finish training the run first")
+    checkpoints = fold_checkpoints(run, run_config)
     steps = eval_transforms(run_config)
     folder = Path(out) if out else run.root / "export"
     # built beside the destination and renamed into place: a stopped export leaves the old one whole

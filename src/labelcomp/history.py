@@ -21,7 +21,8 @@ from labelcomp.runs import write_csv_atomic, write_figure_atomic
 
 LEAD_COLUMNS = ["run_id", "created_at", "competition", "competition_id", "experiment", "backbone", "metric",
                 "n_folds"]
-TRAIL_COLUMNS = ["cv_mean", "cv_std", "oof_score", "oof_tta_score", "submission", "lb_score", "notes"]
+TRAIL_COLUMNS = ["cv_mean", "cv_std", "oof_score", "oof_tta_score", "submission", "lb_score", "parent_run",
+                 "pseudo_threshold", "pseudo_images", "notes"]
 
 
 def history_path(submissions_dir: str | Path) -> Path:
@@ -40,7 +41,7 @@ def read_history(path: Path) -> pd.DataFrame:
         return pd.DataFrame(columns=LEAD_COLUMNS + TRAIL_COLUMNS)
     try:
         frame = pd.read_csv(path, dtype={"run_id": str, "submission": str, "notes": str, "competition": str,
-                                         "competition_id": str})
+                                         "competition_id": str, "parent_run": str})
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
         reason = str(error).strip().splitlines()[-1].removeprefix("Error tokenizing data. C error: ")
         raise LabelcompError(f"{path}: damaged ({reason}); labelcomp leaves it as it is: fix or remove that line "
@@ -73,6 +74,7 @@ def _write(frame: pd.DataFrame, path: Path) -> None:
 def run_row(
     run_id: str, competition: dict[str, str], experiment: str, backbone: str, metric: str, created_at: str,
     fold_scores: list[float] | None, oof_score: float, oof_tta_score: float, notes: str | None = None,
+    pseudo: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A run's history row (a training run, a probe or a blend) for `competition` (Competition.identity);
     fold columns, CV mean and std where it has fold scores."""
@@ -85,6 +87,9 @@ def run_row(
                     "cv_std": float(np.std(fold_scores, ddof=1)) if len(fold_scores) > 1 else 0.0})
     if notes is not None:
         row["notes"] = notes
+    if pseudo is not None:  # a run that trained on test images its parent run labelled
+        row.update({"parent_run": pseudo["parent"], "pseudo_threshold": pseudo["threshold"],
+                    "pseudo_images": pseudo["images"]})
     return row
 
 
@@ -99,7 +104,7 @@ def record_scores(path: Path, run_id: str, competition: dict[str, str], experime
     record_run(path, run_row(
         run_id, competition=competition, experiment=experiment, backbone=backbone, metric=scores["metric"], created_at=scores["finished_at"],
         fold_scores=[fold["score"] for fold in scores["folds"]], oof_score=scores["oof_score"],
-        oof_tta_score=scores["oof_tta_score"]))
+        oof_tta_score=scores["oof_tta_score"], pseudo=scores.get("pseudo")))
 
 
 def is_recorded(path: Path, run_id: str) -> bool:
@@ -184,6 +189,9 @@ def fold_table(scores: dict[str, Any]) -> str:
         f"OOF loss {_number(scores['oof_loss'])}",
         f"OOF {metric} by TTA policy ({tta['merge']} merge): "
         + ", ".join(f"{policy} {_number(score)}" for policy, score in tta["oof_scores"].items()),
+        *([f"pseudo-labels from run {scores['pseudo']['parent']}: {'/'.join(map(str, scores['pseudo']['images_per_fold']))} "
+           f"of {scores['pseudo']['test_images']} test images per fold ({scores['pseudo']['targets']}), confidence >= "
+           f"{scores['pseudo']['threshold']:.4f}"] if scores.get("pseudo") else []),
         *([f"OOF macro F1: {_number(scores['oof_macro_f1']['plain'])} without TTA, "
            f"{_number(scores['oof_macro_f1']['tta'])} with TTA"] if metric != "macro_f1" and "oof_macro_f1" in scores
           else []),

@@ -3,6 +3,7 @@ merging and fold averaging."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -17,10 +18,12 @@ from torch import nn
 
 from labelcomp.augment import build_transforms
 from labelcomp.data import ImageDataModule, ImageReader
-from labelcomp.ensemble import fold_average
+from labelcomp.ensemble import fold_average, run_fold_weights
+from labelcomp.errors import LabelcompError
 from labelcomp.hardware import device_of
 from labelcomp.model import ClassifierModule
-from labelcomp.tta import view_transforms
+from labelcomp.runs import RunDir
+from labelcomp.tta import policy_views, run_policy, view_transforms
 
 _logger = logging.getLogger(__name__)
 
@@ -98,3 +101,20 @@ def predict_folds(
             yield predict_views(load_classifier(checkpoint), frame, config, views, images)
 
     return fold_average(fold_outputs(), weights, config.tta.merge)
+
+
+def fold_checkpoints(run: RunDir, run_config: DictConfig) -> list[Path]:
+    """Every fold's best checkpoint of a finished run."""
+    checkpoints = [run.checkpoint(fold) for fold in range(run_config.cv.folds)]
+    missing = [str(path) for path in checkpoints if not path.is_file()]
+    if missing:
+        raise LabelcompError(f"run {run.run_id}: fold checkpoints missing: {missing}; finish training the run first")
+    return checkpoints
+
+
+def predict_run(run: RunDir, run_config: DictConfig, frame: pd.DataFrame, images: ImageReader) -> np.ndarray:
+    """Probabilities (images, classes) of the images in `frame` (readable ones) from the run's fold models."""
+    checkpoints = fold_checkpoints(run, run_config)
+    scores = json.loads(run.scores.read_text())
+    views = policy_views(run_policy(scores, run_config.tta), run_config.tta)
+    return predict_folds(checkpoints, frame, run_config, views, run_fold_weights(scores, run_config.ensemble), images)

@@ -58,7 +58,7 @@ def run_probe(config: DictConfig) -> tuple[RunDir, dict[str, Any]]:
     _logger.info("extracting features of %d training and %d test images, %d views", len(train), len(test), len(views))
     train_views = predict_views(features, train, probe, views, data.images)
     test_views = predict_views(features, test, probe, views)
-    run_dir, folds = open_run(probe, data, folds, None)
+    run_dir, folds, _ = open_run(probe, data, folds, None)
     test_outputs = []
     for fold in range(probe.cv.folds):
         held_out = folds["fold"].to_numpy() == fold

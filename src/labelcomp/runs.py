@@ -101,6 +101,16 @@ class RunDir:
     def scores(self) -> Path:
         return self.root / "scores.json"
 
+    @property
+    def pseudo_labels(self) -> Path:
+        """The pseudo-labelled test images every fold trains on as well (pseudo.from_run)."""
+        return self.root / "pseudo_labels.csv"
+
+    @property
+    def pseudo_record(self) -> Path:
+        """How they were chosen: parent run, threshold, counts."""
+        return self.root / "pseudo.json"
+
     def fold_dir(self, fold: int) -> Path:
         return self.root / f"fold_{fold}"
 

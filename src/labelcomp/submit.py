@@ -16,14 +16,12 @@ from labelcomp import history
 from labelcomp.competition import IMAGE_EXTENSIONS, Competition
 from labelcomp.config import load_config
 from labelcomp.data import ImageReader
-from labelcomp.ensemble import run_fold_weights
 from labelcomp.errors import LabelcompError
-from labelcomp.predict import predict_folds
+from labelcomp.predict import predict_run
 from labelcomp.resolve import keep_recorded_choices
 from labelcomp.runs import RunDir, find_run, write_csv_atomic
 from labelcomp.survey import survey
 from labelcomp.train import record_run
-from labelcomp.tta import policy_views, run_policy
 
 _logger = logging.getLogger(__name__)
 
@@ -50,17 +48,6 @@ def predict_run_test(run: RunDir, run_config: DictConfig, test: pd.DataFrame) ->
     images = ImageReader.from_config(run_config)  # the survey fills its cache for the fold models
     survey(test["path"].tolist(), images).raise_problems("test")
     return predict_run(run, run_config, test, images)
-
-
-def predict_run(run: RunDir, run_config: DictConfig, frame: pd.DataFrame, images: ImageReader) -> np.ndarray:
-    """Probabilities (images, classes) of the images in `frame` (readable ones) from the run's fold models."""
-    checkpoints = [run.checkpoint(fold) for fold in range(run_config.cv.folds)]
-    missing = [str(path) for path in checkpoints if not path.is_file()]
-    if missing:
-        raise LabelcompError(f"run {run.run_id}: fold checkpoints missing: {missing}; finish training the run first")
-    scores = json.loads(run.scores.read_text())
-    views = policy_views(run_policy(scores, run_config.tta), run_config.tta)
-    return predict_folds(checkpoints, frame, run_config, views, run_fold_weights(scores, run_config.ensemble), images)
 
 
 def image_files(inputs: list[str]) -> list[str]:

@@ -36,6 +36,7 @@ from labelcomp.loggers import fold_loggers, log_run_scores
 from labelcomp.metrics import METRICS, multiclass_log_loss
 from labelcomp.model import ClassifierModule, class_weights
 from labelcomp.predict import load_classifier, predict_views
+from labelcomp.pseudo import pseudo_labels, read_pseudo, training_rows
 from labelcomp.resolve import resolve_config
 from labelcomp.runs import RunDir, check_run_id, new_run, read_table, write_csv_atomic, write_text_atomic
 from labelcomp.survey import check_images, fingerprint
@@ -117,7 +118,9 @@ def run(
         known = None
     data = read_data(config, known)
     resolved = resolve_config(config, data.competition.num_classes, load_config(known.config) if known else None)
-    run_dir, folds = open_run(resolved, data, split_folds(resolved, data), run_id)
+    folds = split_folds(resolved, data)
+    pseudo = _recorded_pseudo(known) or _chosen_pseudo(resolved, data, folds)
+    run_dir, folds, pseudo = open_run(resolved, data, folds, run_id, pseudo)
     _logger.info("run %s in %s", run_dir.run_id, run_dir.root)
     with ranks.passed_down(run_dir.run_id):
         for fold in folds_to_train:
@@ -126,7 +129,8 @@ def run(
                 continue
             started = time.perf_counter()
             reset_peak_memory()
-            checkpoint = fit_fold(resolved, data.competition, data.train, folds, fold, run_dir, data.images)
+            checkpoint = fit_fold(resolved, data.competition, data.train, folds, fold, run_dir, data.images, pseudo,
+                                  data.test)
             predict_oof(resolved, data.competition, data.train, folds, fold, checkpoint, run_dir, data.images)
             usage = {"seconds": round(time.perf_counter() - started, 1), "peak_memory_gb": peak_memory_gb()}
             write_text_atomic(run_dir.fold_usage(fold), json.dumps(usage) + "\n")
@@ -136,6 +140,21 @@ def run(
     if not all(run_dir.fold_oof(fold).exists() for fold in range(resolved.cv.folds)):
         return run_dir, None
     return run_dir, finish_run(run_dir, data.competition, resolved)
+
+
+def _recorded_pseudo(known: RunDir | None) -> tuple[pd.DataFrame, dict[str, Any]] | None:
+    """The pseudo-labels a resumed or joined run chose when it started: never chosen again."""
+    if known is None:
+        return None
+    frame, record = read_pseudo(known)
+    return None if frame is None else (frame, record)
+
+
+def _chosen_pseudo(config: DictConfig, data: RunData,
+                   folds: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]] | None:
+    if config.pseudo.from_run is None:
+        return None
+    return pseudo_labels(config, data.competition, data.test, folds)
 
 
 def finish_run(run_dir: RunDir, competition: Competition, config: DictConfig) -> dict[str, Any]:
@@ -171,9 +190,10 @@ def _follow_run(config: DictConfig, run_id: str, folds_to_train: list[int]) -> R
     resolved = load_config(run_dir.config)
     data = read_data(resolved, run_dir)
     folds = read_table(run_dir.folds)
+    pseudo, _ = read_pseudo(run_dir)
     for fold in folds_to_train:
         if not run_dir.fold_oof(fold).exists():
-            fit_fold(resolved, data.competition, data.train, folds, fold, run_dir, data.images)
+            fit_fold(resolved, data.competition, data.train, folds, fold, run_dir, data.images, pseudo, data.test)
     return run_dir
 
 
@@ -185,11 +205,13 @@ def record_run(run_dir: RunDir, competition: Competition, config: DictConfig, sc
                           config.experiment, config.model.name, scores)
 
 
-def open_run(config: DictConfig, data: RunData, folds: pd.DataFrame,
-             run_id: str | None) -> tuple[RunDir, pd.DataFrame]:
+def open_run(config: DictConfig, data: RunData, folds: pd.DataFrame, run_id: str | None,
+             pseudo: tuple[pd.DataFrame, dict[str, Any]] | None = None,
+             ) -> tuple[RunDir, pd.DataFrame, pd.DataFrame | None]:
     """A new run folder, or the named one (created by whichever fold job comes first), holding the
-    resolved config, the folds and the survey's record. A joined run keeps its own folds, and must
-    have been split the same way."""
+    resolved config, the folds, the survey's record and the pseudo-labels (written before folds.csv,
+    which other processes wait for). A joined run keeps its own folds and pseudo-labels, and must have
+    been split the same way."""
     if run_id is None:
         run_dir = new_run(config.paths.runs, config.experiment)
     else:
@@ -203,13 +225,16 @@ def open_run(config: DictConfig, data: RunData, folds: pd.DataFrame,
                     f"{run_dir.folds}: this run split the data differently; join it with the same config, "
                     "competition and seed"
                 )
-            return run_dir, saved
+            return run_dir, saved, read_pseudo(run_dir)[0]
         ids = data.train["id"].to_numpy()
         record = {"fingerprint": data.fingerprint, "duplicate_ids": [ids[group].tolist() for group in data.duplicates]}
         write_text_atomic(run_dir.survey, json.dumps(record) + "\n")
+        if pseudo is not None:
+            write_csv_atomic(pseudo[0], run_dir.pseudo_labels)
+            write_text_atomic(run_dir.pseudo_record, json.dumps(pseudo[1], indent=2) + "\n")
         save_config(config, run_dir.config)
         write_csv_atomic(folds, run_dir.folds)
-    return run_dir, folds
+    return run_dir, folds, None if pseudo is None else pseudo[0]
 
 
 def build_datamodule(config: DictConfig, train: pd.DataFrame, val: pd.DataFrame,
@@ -245,15 +270,19 @@ def build_module(config: DictConfig, competition: Competition, stages: list | No
 
 def fit_fold(
     config: DictConfig, competition: Competition, train: pd.DataFrame, folds: pd.DataFrame, fold: int,
-    run_dir: RunDir, images: ImageReader,
+    run_dir: RunDir, images: ImageReader, pseudo: pd.DataFrame | None = None, test: pd.DataFrame | None = None,
 ) -> Path:
-    """Train on every fold but `fold`, validate on `fold`; returns the best checkpoint's path."""
+    """Train on every fold but `fold` (and the pseudo-labelled test images), validate on `fold`;
+    returns the best checkpoint's path."""
     L.seed_everything(config.seed, workers=True)
     held_out = folds["fold"].to_numpy() == fold
-    _logger.info("fold %d/%d: %d train / %d validation images", fold + 1, config.cv.folds,
-                 (~held_out).sum(), held_out.sum())
-    data = build_datamodule(config, train[~held_out], train[held_out], images)
-    module = build_module(config, competition, train=train[~held_out])
+    rows = training_rows(train[~held_out], pseudo, fold, test, competition.labels,
+                         soft=config.pseudo.targets == "soft")
+    _logger.info("fold %d/%d: %d train%s / %d validation images", fold + 1, config.cv.folds, len(rows),
+                 f" ({len(rows) - (~held_out).sum()} pseudo-labelled)" if len(rows) > (~held_out).sum() else "",
+                 held_out.sum())
+    data = build_datamodule(config, rows, train[held_out], images)
+    module = build_module(config, competition, train=rows)
     metric = METRICS[competition.spec.metric]
     fold_dir = run_dir.fold_dir(fold)
     best = ModelCheckpoint(
@@ -389,6 +418,7 @@ def score_run(run_dir: RunDir, competition: Competition, config: DictConfig) -> 
         # where classes are out of balance accuracy hides the rare ones: macro F1 shows them, whatever the metric
         "oof_macro_f1": {"plain": evaluate(plain, METRICS["macro_f1"].score),
                          "tta": evaluate(tta, METRICS["macro_f1"].score)},
+        "pseudo": read_pseudo(run_dir)[1],
         "finished_at": datetime.now().isoformat(timespec="seconds"),
         "versions": _versions(), "git_commit": _git_commit(),
     }

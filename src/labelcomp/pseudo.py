@@ -1,0 +1,159 @@
+"""Pseudo-labels: a finished run's fold models (with its TTA policy) label the competition's test
+images, and those they are confident of join the training images of a new run with the same folds.
+
+They are never in a validation fold, so a validation image is still predicted only by models that
+never trained on it; and fold k learns only from the labels of the parent's fold-k model, which never
+saw fold k's validation images, so OOF scores stay honest. The parent's OOF predictions choose the confidence
+threshold: the lowest at which the OOF predictions at least as confident are right `pseudo.precision`
+of the time. A pseudo run can be the next round's parent."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+from sklearn.metrics import precision_recall_curve
+
+from labelcomp.competition import Competition
+from labelcomp.config import load_config
+from labelcomp.data import ImageReader
+from labelcomp.errors import LabelcompError
+from labelcomp.predict import fold_checkpoints, load_classifier, predict_views
+from labelcomp.runs import RunDir, find_run, read_table, write_text_atomic
+from labelcomp.tta import merge_views, policy_views, run_policy
+
+_logger = logging.getLogger(__name__)
+
+
+def confidence_threshold(proba: np.ndarray, target: np.ndarray, precision: float) -> float | None:
+    """The lowest confidence (top probability) at which the predictions at least as confident are right
+    at least `precision` of the time; None where no threshold gets there."""
+    correct = proba.argmax(axis=1) == target
+    if correct.all():
+        return float(proba.max(axis=1).min())
+    if not correct.any():
+        return None
+    precisions, _, thresholds = precision_recall_curve(correct, proba.max(axis=1))
+    reaching = np.flatnonzero(precisions[:-1] >= precision)  # thresholds ascend: the first is the lowest
+    return float(thresholds[reaching[0]]) if len(reaching) else None
+
+
+def parent_fold_test_proba(parent: RunDir, parent_config: DictConfig, test: pd.DataFrame) -> np.ndarray:
+    """(folds, images, classes): each of the parent's fold models' test probabilities with its TTA policy.
+    Kept in the parent's fold folders (`test_proba.npz`, with the ids), so later rounds and pilots from
+    the same parent do not predict again."""
+    scores = json.loads(parent.scores.read_text())
+    views = policy_views(run_policy(scores, parent_config.tta), parent_config.tta)
+    images = None
+    per_fold = []
+    for fold, checkpoint in enumerate(fold_checkpoints(parent, parent_config)):
+        saved = parent.fold_dir(fold) / "test_proba.npz"
+        if saved.is_file():
+            with np.load(saved) as archive:
+                if archive["ids"].tolist() == test["id"].tolist() and archive["views"].tolist() == views:
+                    per_fold.append(archive["proba"])
+                    continue
+        _logger.info("pseudo-labels: predicting %d test images with fold %d of run %s", len(test), fold, parent.run_id)
+        # read as the parent reads its images (its size), sharing the disk cache with its runs
+        images = images or ImageReader.from_config(parent_config)
+        outputs = predict_views(load_classifier(checkpoint), test, parent_config, views, images)
+        proba = merge_views(outputs, parent_config.tta.merge)
+        archive = io.BytesIO()
+        np.savez(archive, proba=proba, ids=test["id"].to_numpy().astype(str), views=np.array(views))
+        write_text_atomic(saved, archive.getvalue())
+        per_fold.append(proba)
+    return np.stack(per_fold)
+
+
+def pseudo_labels(config: DictConfig, competition: Competition, test: pd.DataFrame,
+                  folds: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The test images each of the parent's fold models labels with enough confidence, for the same fold
+    of the new run: fold, id, label, target and one probability column per class (paths come from the
+    test table when training, so a moved competition folder still trains); and the record of how they
+    were chosen (for scores.json and the history). `config.pseudo.threshold` is set to the threshold used.
+
+    Fold k of the new run learns from the parent's fold-k model only, which never saw fold k's
+    validation images: its labels carry nothing of theirs, so OOF scores stay honest, also over rounds."""
+    settings = config.pseudo
+    parent = find_run(config.paths.runs, config.experiment, settings.from_run)
+    parent_config = load_config(parent.config)
+    parent_scores = json.loads(parent.scores.read_text())
+    identity = competition.identity()
+    if parent_scores.get("competition", identity) != identity:
+        raise LabelcompError(f"pseudo.from_run={parent.run_id}: that run is of competition "
+                             f"{parent_scores['competition']}, this one is {identity}; give a run of this competition")
+    parent_folds = read_table(parent.folds)
+    if not (parent_folds["id"].equals(folds["id"]) and parent_folds["fold"].equals(folds["fold"])):
+        raise LabelcompError(f"pseudo.from_run={parent.run_id}: that run split the training images into other folds "
+                             f"(cv.folds={parent_config.cv.folds}, seed={parent_config.seed}); pseudo-labels need the "
+                             "same folds: use its cv.folds and seed")
+    if len(test) == 0:
+        raise LabelcompError(f"pseudo.from_run={parent.run_id}: the competition's test table is empty; "
+                             "there is nothing to pseudo-label")
+    labels = competition.labels
+    oof = read_table(parent.oof_tta)
+    oof_proba = oof[labels].to_numpy(dtype=float)
+    oof_target = oof["label"].map({label: index for index, label in enumerate(labels)}).to_numpy()
+    threshold = settings.threshold
+    if threshold is None:
+        threshold = confidence_threshold(oof_proba, oof_target, settings.precision)
+        if threshold is None:
+            raise LabelcompError(f"pseudo.precision={settings.precision}: no confidence threshold of run "
+                                 f"{parent.run_id} reaches it on OOF; lower pseudo.precision or set pseudo.threshold")
+    confident = oof_proba.max(axis=1) >= threshold
+    parts = []
+    for fold, proba in enumerate(parent_fold_test_proba(parent, parent_config, test)):
+        chosen = proba.max(axis=1) >= threshold
+        target = proba.argmax(axis=1)[chosen]
+        part = pd.DataFrame({"fold": fold, "id": test["id"].to_numpy()[chosen],
+                             "label": [labels[index] for index in target], "target": target})
+        parts.append(pd.concat([part, pd.DataFrame(proba[chosen], columns=labels)], axis=1))
+    frame = pd.concat(parts, ignore_index=True)
+    per_fold = frame.groupby("fold").size().reindex(range(len(parts)), fill_value=0).tolist()
+    record = {
+        "parent": parent.run_id, "targets": str(settings.targets), "threshold": float(threshold),
+        "precision_target": float(settings.precision) if settings.threshold is None else None,
+        "oof_precision": float((oof_proba.argmax(axis=1) == oof_target)[confident].mean()) if confident.any() else None,
+        "oof_share": float(confident.mean()), "images": round(float(np.mean(per_fold))), "images_per_fold": per_fold,
+        "test_images": len(test),
+    }
+    config.pseudo.threshold = float(threshold)
+    _logger.info("pseudo-labels from run %s: %s of %d test images per fold at confidence >= %.4f (on OOF: %.1f%% "
+                 "of the images, %s right)", parent.run_id, "/".join(map(str, per_fold)), len(test), threshold,
+                 100 * record["oof_share"],
+                 "n/a" if record["oof_precision"] is None else f"{100 * record['oof_precision']:.1f}%")
+    return frame, record
+
+
+def training_rows(train: pd.DataFrame, pseudo: pd.DataFrame | None, fold: int, test: pd.DataFrame,
+                  labels: list[str], soft: bool) -> pd.DataFrame:
+    """Fold `fold`'s training images with its pseudo-labelled test images added; with soft targets every
+    row carries a probability vector (one-hot for the labelled images) in `soft_target`."""
+    if pseudo is None:
+        return train
+    pseudo = pseudo[pseudo["fold"] == fold]
+    if pseudo.empty:
+        return train
+    paths = test.set_index("id")["path"]
+    missing = sorted(set(pseudo["id"]) - set(paths.index))
+    if missing:
+        raise LabelcompError(f"pseudo-labelled test images {missing[:5]} are no longer in the test table; "
+                             "start a new run from the parent run")
+    added = pseudo[["id", "label", "target"]].assign(path=paths.loc[pseudo["id"]].to_numpy())
+    rows = pd.concat([train, added], ignore_index=True)
+    if soft:
+        hard = np.eye(len(labels), dtype=np.float32)[train["target"].to_numpy()]
+        rows["soft_target"] = list(hard) + list(pseudo[labels].to_numpy(dtype=np.float32))
+    return rows
+
+
+def read_pseudo(run_dir: RunDir) -> tuple[pd.DataFrame | None, dict[str, Any] | None]:
+    """The run's recorded pseudo-labels and their record, or (None, None) for a run without them."""
+    if not run_dir.pseudo_labels.is_file():
+        return None, None
+    return read_table(run_dir.pseudo_labels), json.loads(run_dir.pseudo_record.read_text())
