@@ -144,3 +144,22 @@ def test_a_parent_with_other_folds_is_one_clear_line_and_writes_nothing(parent, 
     assert code == 2
     assert "split the training images into other folds" in capsys.readouterr().err
     assert not (parent["tmp"] / "runs" / "other").exists()
+
+
+@pytest.mark.slow
+def test_init_from_parent_starts_each_fold_from_the_parents_model_of_that_fold(parent):
+    # a head stage at an lr too small to move anything: each fold predicts as the parent's fold did
+    code, _ = _train_child(parent, f"pseudo.from_run={parent['run'].name}", "pseudo.threshold=0.9",
+                           "pseudo.init=parent", "finetune.stages=[{epochs: 1, train: head, lr: 1e-12}]",
+                           "experiment=continued")
+    assert code == 0
+    (child,) = (parent["tmp"] / "runs" / "continued").iterdir()
+    for fold in (0, 1):
+        before = pd.read_csv(parent["run"] / f"fold_{fold}" / "oof.csv", dtype={"id": str})
+        after = pd.read_csv(child / f"fold_{fold}" / "oof.csv", dtype={"id": str})
+        labels = list(before.columns[3:])
+        np.testing.assert_allclose(after[labels].to_numpy(), before[labels].to_numpy(), atol=1e-4)
+    code, _ = _train_child(parent, f"pseudo.from_run={parent['run'].name}", "pseudo.threshold=0.9",
+                           "pseudo.init=parent", "model.name=resnet18", "model.pretrained=false",
+                           "experiment=otherbackbone")
+    assert code == 2

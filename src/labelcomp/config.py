@@ -79,6 +79,11 @@ class PseudoTargets(Choice):
     soft = "soft"  # the ensemble's probabilities
 
 
+class PseudoInit(Choice):
+    pretrained = "pretrained"  # each fold starts from model.pretrained, as any run
+    parent = "parent"  # each fold goes on from the parent's model of the same fold (same backbone)
+
+
 class FoldWeights(Choice):
     equal = "equal"
     score = "score"  # test probabilities weighted by each fold's OOF score
@@ -266,6 +271,9 @@ class PseudoConfig:
     precision: float = 0.95
     threshold: Optional[float] = None  # set: used as it is; null: chosen from `precision` (and recorded)
     targets: PseudoTargets = PseudoTargets.hard
+    # parent: fold k starts from the parent's fold-k weights (which never saw fold k's validation images),
+    # so a short finetune.stages suffices for the round
+    init: PseudoInit = PseudoInit.pretrained
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -85,9 +86,27 @@ def export_run(config: DictConfig, run_id: str | None, out: str | None, make_zip
     steps = eval_transforms(run_config)
     folder = Path(out) if out else run.root / "export"
     # built beside the destination and renamed into place: a stopped export leaves the old one whole
-    building = folder.with_name(f".{folder.name}.building")
-    shutil.rmtree(building, ignore_errors=True)
+    building = folder.with_name(f".{folder.name}.{os.getpid()}.building")  # one per process: exports may overlap
     building.mkdir(parents=True)
+    try:
+        _write_export(building, run, run_config, competition, scores, policy, views, checkpoints, steps)
+        if make_zip:
+            archive = Path(shutil.make_archive(str(building), "zip", building))
+            final = folder.with_name(f"{folder.name}.zip")
+            archive.replace(final)
+            return final, final.stat().st_size
+        replaced = folder.with_name(f".{folder.name}.{os.getpid()}.replaced")
+        if folder.exists():
+            folder.rename(replaced)
+        building.rename(folder)
+        shutil.rmtree(replaced, ignore_errors=True)
+        return folder, sum(path.stat().st_size for path in folder.iterdir())
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+
+
+def _write_export(building: Path, run: RunDir, run_config: DictConfig, competition: Competition, scores: dict,
+                  policy: str, views: list[str], checkpoints: list[Path], steps: list[dict]) -> None:
     weights = run_fold_weights(scores, run_config.ensemble)
     models = []
     for fold, (checkpoint, weight) in enumerate(zip(checkpoints, weights)):
@@ -104,13 +123,3 @@ def export_run(config: DictConfig, run_id: str | None, out: str | None, make_zip
     }
     write_text_atomic(building / SPEC, json.dumps(spec, indent=2) + "\n")
     shutil.copyfile(Path(__file__).with_name("standalone_predict.py"), building / SCRIPT)
-    if make_zip:
-        archive = Path(shutil.make_archive(str(building), "zip", building))
-        shutil.rmtree(building)
-        final = folder.with_name(f"{folder.name}.zip")
-        archive.replace(final)
-        return final, final.stat().st_size
-    if folder.exists():
-        shutil.rmtree(folder)
-    building.rename(folder)
-    return folder, sum(path.stat().st_size for path in folder.iterdir())

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from omegaconf import DictConfig
 from sklearn.metrics import precision_recall_curve
 
@@ -87,6 +88,9 @@ def pseudo_labels(config: DictConfig, competition: Competition, test: pd.DataFra
     if parent_scores.get("competition", identity) != identity:
         raise LabelcompError(f"pseudo.from_run={parent.run_id}: that run is of competition "
                              f"{parent_scores['competition']}, this one is {identity}; give a run of this competition")
+    if settings.init == "parent" and parent_config.model.name != config.model.name:
+        raise LabelcompError(f"pseudo.init=parent: run {parent.run_id} trained {parent_config.model.name}, this config "
+                             f"{config.model.name}; set model.name={parent_config.model.name} or pseudo.init=pretrained")
     parent_folds = read_table(parent.folds)
     if not (parent_folds["id"].equals(folds["id"]) and parent_folds["fold"].equals(folds["fold"])):
         raise LabelcompError(f"pseudo.from_run={parent.run_id}: that run split the training images into other folds "
@@ -150,6 +154,18 @@ def training_rows(train: pd.DataFrame, pseudo: pd.DataFrame | None, fold: int, t
         hard = np.eye(len(labels), dtype=np.float32)[train["target"].to_numpy()]
         rows["soft_target"] = list(hard) + list(pseudo[labels].to_numpy(dtype=np.float32))
     return rows
+
+
+def start_from_parent(module: torch.nn.Module, config: DictConfig, fold: int) -> None:
+    """With pseudo.init=parent, the fold's network (and its EMA copy) takes the weights that predicted
+    in the parent's fold `fold`."""
+    if config.pseudo.from_run is None or config.pseudo.init != "parent":
+        return
+    parent = find_run(config.paths.runs, config.experiment, config.pseudo.from_run)
+    weights = load_classifier(parent.checkpoint(fold)).predicting_net().state_dict()
+    for net in (module.net, *((module.ema.module,) if module.ema is not None else ())):
+        net.load_state_dict(weights)
+    _logger.info("fold %d: starting from the weights of run %s's fold %d", fold + 1, parent.run_id, fold)
 
 
 def read_pseudo(run_dir: RunDir) -> tuple[pd.DataFrame | None, dict[str, Any] | None]:

@@ -36,7 +36,7 @@ from labelcomp.loggers import fold_loggers, log_run_scores
 from labelcomp.metrics import METRICS, multiclass_log_loss
 from labelcomp.model import ClassifierModule, class_weights
 from labelcomp.predict import load_classifier, predict_views
-from labelcomp.pseudo import pseudo_labels, read_pseudo, training_rows
+from labelcomp.pseudo import pseudo_labels, read_pseudo, start_from_parent, training_rows
 from labelcomp.resolve import resolve_config
 from labelcomp.runs import RunDir, check_run_id, new_run, read_table, write_csv_atomic, write_text_atomic
 from labelcomp.survey import check_images, fingerprint
@@ -283,6 +283,7 @@ def fit_fold(
                  held_out.sum())
     data = build_datamodule(config, rows, train[held_out], images)
     module = build_module(config, competition, train=rows)
+    start_from_parent(module, config, fold)
     metric = METRICS[competition.spec.metric]
     fold_dir = run_dir.fold_dir(fold)
     best = ModelCheckpoint(
