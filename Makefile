@@ -7,7 +7,7 @@ ARGS ?=
 RUN ?=
 RUNS ?=
 
-.PHONY: train submit compare test test-fast bench photos-bench finetune-study scaling-study quality-study photos-study ablation-study clean
+.PHONY: train submit compare test test-fast bench photos-bench finetune-study scaling-study quality-study photos-study pseudo-study ablation-study clean
 
 # reinstalls whenever pyproject.toml (the dependencies) changes
 $(VENV)/.installed: pyproject.toml
@@ -54,6 +54,11 @@ scaling-study: $(VENV)/.installed
 # benchmark, not a test: configs/quick.yaml and quality.yaml on 10,000 real images (needs ../shared; ~45 min)
 quality-study: $(VENV)/.installed
 	$(BIN)/python tools/quality_study.py $(STUDY)
+
+# benchmark, not a test: pseudo-label rounds from configs/quick.yaml on CIFAR with 2,000 held-out test images
+# (needs ../shared; ~45 min); STUDY="--variant 'NAME: key=value ...'" for each round to try
+pseudo-study: $(VENV)/.installed
+	$(BIN)/python tools/pseudo_study.py $(STUDY)
 
 # benchmark, not a test: configs/photos.yaml on the 3,068 shared clothing photos, 5 folds (needs ../shared; ~30 min)
 photos-study: $(VENV)/.installed
