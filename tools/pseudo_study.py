@@ -28,6 +28,12 @@ from labelcomp.train import run
 from study_data import REPO, build_competition, study_folder
 
 
+# three more epochs from each parent fold's weights, with and without the pseudo-labels (threshold 1.0
+# adds none): what the pseudo-labels themselves give
+_CONTINUED = "pseudo.init=parent finetune.stages=[{epochs: 3, train: all, lr: 0.001, backbone_lr_mult: 0.5, warmup_epochs: 0.3}]"
+DEFAULT_VARIANTS = [f"hard3: {_CONTINUED}", f"control3: pseudo.threshold=1.0 {_CONTINUED}"]
+
+
 def held_out_accuracy(config, run_id: str, truth: pd.Series) -> float:
     proba = pd.read_csv(test_proba_path(Path(config.paths.submissions), run_id), dtype={"id": str})
     predicted = proba.columns[1:][proba.iloc[:, 1:].to_numpy().argmax(1)]
@@ -45,13 +51,15 @@ def train_and_score(config, truth: pd.Series) -> tuple[str, dict, float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="quick", help="configs/<name>.yaml of the parent (and the variants)")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME: key=value ...",
-                        help="a pseudo-label round from the parent with these overrides (repeatable)")
+    parser.add_argument("--variant", action="append", metavar="NAME: key=value ...",
+                        help="a pseudo-label round from the parent with these overrides (repeatable); default: "
+                             "the round of the README's table and its control without pseudo-labels")
     parser.add_argument("--per-class", type=int, default=400, help="training images per class")
     parser.add_argument("--holdout-per-class", type=int, default=100, help="held-out (test) images per class")
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every run")
     parser.add_argument("--work", help="a folder of an earlier study of the same recipe: its parent run is reused")
     args = parser.parse_args()
+    args.variant = args.variant or DEFAULT_VARIANTS
     work = study_folder("pseudo-study") if args.work is None else Path(args.work)
     if work is None:
         return 0
