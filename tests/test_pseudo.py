@@ -147,7 +147,7 @@ def test_a_parent_with_other_folds_is_one_clear_line_and_writes_nothing(parent, 
 
 
 @pytest.mark.slow
-def test_init_from_parent_starts_each_fold_from_the_parents_model_of_that_fold(parent):
+def test_init_from_parent_starts_each_fold_from_the_parents_model_of_that_fold(parent, capsys):
     # a head stage at an lr too small to move anything: each fold predicts as the parent's fold did
     code, _ = _train_child(parent, f"pseudo.from_run={parent['run'].name}", "pseudo.threshold=0.9",
                            "pseudo.init=parent", "finetune.stages=[{epochs: 1, train: head, lr: 1e-12}]",
@@ -162,4 +162,4 @@ def test_init_from_parent_starts_each_fold_from_the_parents_model_of_that_fold(p
     code, _ = _train_child(parent, f"pseudo.from_run={parent['run'].name}", "pseudo.threshold=0.9",
                            "pseudo.init=parent", "model.name=resnet18", "model.pretrained=false",
                            "experiment=otherbackbone")
-    assert code == 2
+    assert code == 2 and "pseudo.init=parent: run" in capsys.readouterr().err

@@ -44,12 +44,11 @@ def confidence_threshold(proba: np.ndarray, target: np.ndarray, precision: float
     return float(thresholds[reaching[0]]) if len(reaching) else None
 
 
-def parent_fold_test_proba(parent: RunDir, parent_config: DictConfig, test: pd.DataFrame) -> np.ndarray:
-    """(folds, images, classes): each of the parent's fold models' test probabilities with its TTA policy.
+def parent_fold_test_proba(parent: RunDir, parent_config: DictConfig, views: list[str],
+                           test: pd.DataFrame) -> np.ndarray:
+    """(folds, images, classes): each of the parent's fold models' test probabilities with its TTA `views`.
     Kept in the parent's fold folders (`test_proba.npz`, with the ids), so later rounds and pilots from
     the same parent do not predict again."""
-    scores = json.loads(parent.scores.read_text())
-    views = policy_views(run_policy(scores, parent_config.tta), parent_config.tta)
     images = None
     per_fold = []
     for fold, checkpoint in enumerate(fold_checkpoints(parent, parent_config)):
@@ -111,7 +110,8 @@ def pseudo_labels(config: DictConfig, competition: Competition, test: pd.DataFra
                                  f"{parent.run_id} reaches it on OOF; lower pseudo.precision or set pseudo.threshold")
     confident = oof_proba.max(axis=1) >= threshold
     parts = []
-    for fold, proba in enumerate(parent_fold_test_proba(parent, parent_config, test)):
+    views = policy_views(run_policy(parent_scores, parent_config.tta), parent_config.tta)
+    for fold, proba in enumerate(parent_fold_test_proba(parent, parent_config, views, test)):
         chosen = proba.max(axis=1) >= threshold
         target = proba.argmax(axis=1)[chosen]
         part = pd.DataFrame({"fold": fold, "id": test["id"].to_numpy()[chosen],

@@ -101,6 +101,7 @@ def merge_views(logits: np.ndarray, merge: str) -> np.ndarray:
 
 
 def image_files(inputs: list[str]) -> list[str]:
+    # labelcomp.submit.image_files, copied: this script runs where labelcomp is not installed
     files = []
     for item in inputs:
         path = Path(item)
