@@ -138,6 +138,28 @@ def test_each_fold_trains_on_the_test_images_its_parent_fold_labelled_and_valida
 
 
 @pytest.mark.slow
+def test_the_ensemble_labeler_gives_every_fold_the_test_images_the_parents_submission_is_confident_of(parent):
+    assert main(["submit", "--config", SMOKE, *parent["overrides"], "--run", parent["run"].name]) == 0
+    submission = pd.read_csv(parent["tmp"] / "submissions" / f"{parent['run'].name}.test_proba.csv", dtype={"id": str})
+    labels = list(submission.columns[1:])
+    proba = submission[labels].to_numpy()
+    expected = {name: labels[index] for name, index, top in zip(submission["id"], proba.argmax(1), proba.max(1))
+                if top >= 0.3}
+    assert expected  # the check below compares something
+    code, seen = _train_child(parent, f"pseudo.from_run={parent['run'].name}", "pseudo.threshold=0.3",
+                              "pseudo.labeler=ensemble", "experiment=ensemble")
+    assert code == 0
+    folds = pd.read_csv(parent["run"] / "folds.csv", dtype={"id": str})
+    for fold, (train_rows, val_rows) in enumerate(seen):
+        added = train_rows[train_rows["id"].isin(submission["id"])]
+        assert dict(zip(added["id"], added["label"])) == expected
+        assert set(val_rows["id"]) == set(folds.loc[folds["fold"] == fold, "id"])
+    (child,) = (parent["tmp"] / "runs" / "ensemble").iterdir()
+    record = json.loads((child / "scores.json").read_text())["pseudo"]
+    assert record["labeler"] == "ensemble" and record["images_per_fold"] == [len(expected)] * len(seen)
+
+
+@pytest.mark.slow
 def test_a_parent_with_other_folds_is_one_clear_line_and_writes_nothing(parent, capsys):
     capsys.readouterr()
     code, _ = _train_child(parent, f"pseudo.from_run={parent['run'].name}", "cv.folds=3", "experiment=other")

@@ -75,8 +75,18 @@ class LoggerName(Choice):
 
 
 class PseudoTargets(Choice):
-    hard = "hard"  # the ensemble's class
-    soft = "soft"  # the ensemble's probabilities
+    hard = "hard"  # the labelling model's class
+    soft = "soft"  # the labelling model's probabilities
+
+
+class PseudoLabeler(Choice):
+    # fold k learns only the labels of the parent's fold-k model, which never saw fold k's validation
+    # images: OOF stays exactly as honest as without pseudo-labels
+    fold = "fold"
+    # every fold learns the labels of the parent's whole fold ensemble (its submission): more accurate
+    # labels, but those carry a little of fold k's validation labels into fold k, so OOF may read a
+    # little high; held-out images (the leaderboard) are unaffected
+    ensemble = "ensemble"
 
 
 class PseudoInit(Choice):
@@ -261,11 +271,12 @@ class EnsembleConfig:
 
 @dataclass
 class PseudoConfig:
-    """Pseudo-labels from a finished run of the same competition: its fold ensemble (with its TTA policy)
-    labels the test images, and those it is confident of join every fold's training images, never a
-    validation fold, so OOF scores stay honest."""
+    """Pseudo-labels from a finished run of the same competition: its fold models (with its TTA policy)
+    label the test images, and those they are confident of join the training images of the folds, never
+    a validation fold."""
 
     from_run: Optional[str] = None  # the parent run's id (any experiment under paths.runs); null: off
+    labeler: PseudoLabeler = PseudoLabeler.fold
     # the confidence threshold is the lowest at which the parent's OOF predictions (with TTA) at least as
     # confident are right this often
     precision: float = 0.95

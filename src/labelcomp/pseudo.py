@@ -2,10 +2,12 @@
 images, and those they are confident of join the training images of a new run with the same folds.
 
 They are never in a validation fold, so a validation image is still predicted only by models that
-never trained on it; and fold k learns only from the labels of the parent's fold-k model, which never
-saw fold k's validation images, so OOF scores stay honest. The parent's OOF predictions choose the confidence
-threshold: the lowest at which the OOF predictions at least as confident are right `pseudo.precision`
-of the time. A pseudo run can be the next round's parent."""
+never trained on it. With `pseudo.labeler=fold` (the default) fold k learns only from the labels of the
+parent's fold-k model, which never saw fold k's validation images, so OOF scores stay exactly as honest
+as without; `ensemble` gives every fold the labels of the parent's fold ensemble (its submission), more
+accurate, at the cost of a little of fold k's validation labels reaching fold k through them. The
+parent's OOF predictions choose the confidence threshold: the lowest at which the OOF predictions at
+least as confident are right `pseudo.precision` of the time. A pseudo run can be the next round's parent."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from sklearn.metrics import precision_recall_curve
 from labelcomp.competition import Competition
 from labelcomp.config import load_config
 from labelcomp.data import ImageReader
+from labelcomp.ensemble import run_fold_weights
 from labelcomp.errors import LabelcompError
 from labelcomp.predict import fold_checkpoints, load_classifier, predict_views
 from labelcomp.runs import RunDir, find_run, read_table, write_text_atomic
@@ -72,13 +75,15 @@ def parent_fold_test_proba(parent: RunDir, parent_config: DictConfig, views: lis
 
 def pseudo_labels(config: DictConfig, competition: Competition, test: pd.DataFrame,
                   folds: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The test images each of the parent's fold models labels with enough confidence, for the same fold
-    of the new run: fold, id, label, target and one probability column per class (paths come from the
-    test table when training, so a moved competition folder still trains); and the record of how they
-    were chosen (for scores.json and the history). `config.pseudo.threshold` is set to the threshold used.
+    """The test images the labelling model (`pseudo.labeler`: the parent's model of the same fold, or its
+    fold ensemble) labels with enough confidence, for each fold of the new run: fold, id, label, target
+    and one probability column per class (paths come from the test table when training, so a moved
+    competition folder still trains); and the record of how they were chosen (for scores.json and the
+    history). `config.pseudo.threshold` is set to the threshold used.
 
-    Fold k of the new run learns from the parent's fold-k model only, which never saw fold k's
-    validation images: its labels carry nothing of theirs, so OOF scores stay honest, also over rounds."""
+    With the fold labeler, fold k of the new run learns from the parent's fold-k model only, which never
+    saw fold k's validation images: its labels carry nothing of theirs, so OOF scores stay honest, also
+    over rounds."""
     settings = config.pseudo
     parent = find_run(config.paths.runs, config.experiment, settings.from_run)
     parent_config = load_config(parent.config)
@@ -111,7 +116,11 @@ def pseudo_labels(config: DictConfig, competition: Competition, test: pd.DataFra
     confident = oof_proba.max(axis=1) >= threshold
     parts = []
     views = policy_views(run_policy(parent_scores, parent_config.tta), parent_config.tta)
-    for fold, proba in enumerate(parent_fold_test_proba(parent, parent_config, views, test)):
+    fold_proba = parent_fold_test_proba(parent, parent_config, views, test)
+    if settings.labeler == "ensemble":  # the parent's submission probabilities, for every fold
+        weights = run_fold_weights(parent_scores, parent_config.ensemble)
+        fold_proba = np.broadcast_to(np.tensordot(weights, fold_proba, axes=1), fold_proba.shape)
+    for fold, proba in enumerate(fold_proba):
         chosen = proba.max(axis=1) >= threshold
         target = proba.argmax(axis=1)[chosen]
         part = pd.DataFrame({"fold": fold, "id": test["id"].to_numpy()[chosen],
@@ -120,7 +129,8 @@ def pseudo_labels(config: DictConfig, competition: Competition, test: pd.DataFra
     frame = pd.concat(parts, ignore_index=True)
     per_fold = frame.groupby("fold").size().reindex(range(len(parts)), fill_value=0).tolist()
     record = {
-        "parent": parent.run_id, "targets": str(settings.targets), "threshold": float(threshold),
+        "parent": parent.run_id, "labeler": str(settings.labeler), "targets": str(settings.targets),
+        "threshold": float(threshold),
         "precision_target": float(settings.precision) if settings.threshold is None else None,
         "oof_precision": float((oof_proba.argmax(axis=1) == oof_target)[confident].mean()) if confident.any() else None,
         "oof_share": float(confident.mean()), "images": round(float(np.mean(per_fold))), "images_per_fold": per_fold,
