@@ -3,18 +3,24 @@
 import math
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from labelcomp import train as train_module
+from labelcomp.augment import stage_train_transforms
+from labelcomp.cli import main
+from labelcomp.config import load_config
+from labelcomp.data import ImageDataModule
 from labelcomp.errors import LabelcompError
 from labelcomp.finetune import StagedFinetuning, block_groups
 from labelcomp.model import ClassifierModule
 from labelcomp.resolve import resolve_config
 from labelcomp.schedule import StagePlan, check_stages
 from labelcomp.train import build_datamodule, build_module, read_data
-from conftest import make_competition, tiny_config
+from conftest import REPO, make_competition, tiny_config, tiny_overrides
 
 STAGES = [
     {"epochs": 1, "train": "head", "lr": 0.01, "backbone_lr_mult": 0.1, "train_bn": False, "warmup_epochs": 0.0},
@@ -40,6 +46,41 @@ def test_plan_warms_up_then_decays_within_each_stage():
 def test_unknown_stage_part_is_refused():
     with pytest.raises(LabelcompError, match=r"finetune.stages\[1\].train is 'middle'"):
         check_stages([STAGES[0], {**STAGES[1], "train": "middle"}])
+
+
+def test_a_stage_with_its_own_size_resizes_the_augmented_image_to_it():
+    augment = load_config(None, ["augment.image_size=32", "augment.mean=[0.5,0.5,0.5]", "augment.std=[0.5,0.5,0.5]"]).augment
+    staged = stage_train_transforms(augment, [{"epochs": 2, "image_size": 20}, {"epochs": 1, "image_size": None},
+                                              {"epochs": 1, "image_size": 32}], seed=0)
+    assert [first for first, _ in staged] == [0, 2, 3]
+    image = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    assert [transform(image=image)["image"].shape for _, transform in staged] == [(20, 20, 3), (32, 32, 3), (32, 32, 3)]
+    with pytest.raises(LabelcompError, match=r"finetune.stages\[1\].image_size is 0"):
+        check_stages([STAGES[0], {**STAGES[1], "image_size": 0}])
+
+
+def test_each_epoch_trains_at_its_stages_size_and_validates_at_the_test_size(tmp_path, monkeypatch):
+    seen = []
+
+    class Recording(ImageDataModule):
+        def train_dataloader(self):
+            loader = super().train_dataloader()
+            seen.append(("train", self.trainer.current_epoch, loader.dataset[0][0].shape))
+            return loader
+
+        def val_dataloader(self):
+            loader = super().val_dataloader()
+            seen.append(("val", self.trainer.current_epoch, loader.dataset[0][0].shape))
+            return loader
+
+    monkeypatch.setattr(train_module, "ImageDataModule", Recording)
+    stages = "[{epochs: 1, train: head, lr: 0.01, image_size: 24}, {epochs: 2, train: all, lr: 0.001}]"
+    overrides = tiny_overrides(tmp_path, make_competition(tmp_path / "tiny"))
+    assert main(["train", "--config", str(REPO / "configs" / "smoke.yaml"), *overrides, "--folds", "0",
+                 f"finetune.stages={stages}"]) == 0
+    train_sizes = sorted({(epoch, shape) for split, epoch, shape in seen if split == "train"})
+    assert train_sizes == [(0, (24, 24, 3)), (1, (32, 32, 3)), (2, (32, 32, 3))]
+    assert {shape for split, _, shape in seen if split == "val"} == {(32, 32, 3)}
 
 
 class Snapshots(Callback):

@@ -4,7 +4,10 @@ Test-time augmentation lives in tta.py."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import albumentations as A
+import cv2
 from omegaconf import DictConfig, OmegaConf
 
 from labelcomp.errors import LabelcompError
@@ -39,3 +42,22 @@ def build_transforms(augment: DictConfig, train: bool, seed: int | None = None) 
     if augment.mean is None or augment.std is None:
         raise LabelcompError("augment.mean / augment.std are not resolved; set them or let train resolve them")
     return A.Compose(transforms, seed=seed)
+
+
+def stage_train_transforms(augment: DictConfig, stages: list[dict[str, Any]],
+                           seed: int | None = None) -> list[tuple[int, A.Compose]]:
+    """(first epoch, training transforms) of every stage: the configured transforms, and for a stage
+    with an `image_size` of its own, the augmented image then resized to it. Resizing the result
+    instead of building the list at another size holds for any transform list, and for a run's saved
+    config too, where the sizes are numbers, no longer `${augment.image_size}`."""
+    staged, first_epoch = [], 0
+    for stage in stages:
+        transforms = build_transforms(augment, train=True, seed=seed)
+        size = stage.get("image_size")
+        if size is not None and size != augment.image_size:
+            # INTER_AREA: the least aliasing when shrinking, which is what a smaller early stage does
+            transforms = A.Compose([*transforms.transforms, A.Resize(size, size, interpolation=cv2.INTER_AREA)],
+                                   seed=seed)
+        staged.append((first_epoch, transforms))
+        first_epoch += stage["epochs"]
+    return staged

@@ -81,8 +81,9 @@ def fit_one_epoch(config: DictConfig, competition, images: pd.DataFrame, reader:
                   callbacks: tuple[Callback, ...] = ()) -> tuple[Any, Any]:
     """One epoch of the real pipeline (a resolved config) over `images` in which every layer trains (as
     in (a)), without validation; returns the data module and the trained module."""
-    data = build_datamodule(config, images, images.head(config.data.batch_size), reader)
-    stage = {**OmegaConf.to_container(config.finetune.stages[-1]), "train": "all", "epochs": 1}
+    # at augment.image_size, the size of (a)'s synthetic batches
+    stage = {**OmegaConf.to_container(config.finetune.stages[-1]), "train": "all", "epochs": 1, "image_size": None}
+    data = build_datamodule(config, images, images.head(config.data.batch_size), reader, stages=[stage])
     module = build_module(config, competition, stages=[stage])
     with tempfile.TemporaryDirectory() as logs:
         trainer = L.Trainer(

@@ -171,6 +171,10 @@ class StageConfig:
     layer_decay: Optional[float] = None  # ... or lr * layer_decay ** (depth below the head)
     train_bn: bool = False  # BatchNorm layers of frozen block groups train (weights and running statistics)
     warmup_epochs: float = 0.0
+    # pixels of the stage's training images (each augmented image resized to it); null: augment.image_size.
+    # Validation, OOF and test images stay at augment.image_size: early stages at a smaller size train
+    # faster, the last ones at the size the model is tested at (progressive resizing)
+    image_size: Optional[int] = None
 
 
 @dataclass

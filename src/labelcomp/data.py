@@ -288,6 +288,7 @@ class ImageDataModule(L.LightningDataModule):
         images: Optional[ImageReader] = None,
         pin_memory: bool = False,
         channels_last: bool = False,
+        stage_transforms: Optional[Sequence[tuple[int, Callable]]] = None,
     ):
         super().__init__()
         self.channels_last = channels_last
@@ -297,6 +298,9 @@ class ImageDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.frames = {"train": train, "val": val, "predict": predict}
         self.train_transform = train_transform
+        # (first epoch, transform) of stages training at sizes of their own: the Trainer then rebuilds the
+        # train loader every epoch (reload_dataloaders_every_n_epochs), and it takes the epoch's stage's
+        self.stage_transforms = list(stage_transforms or [])
         self.eval_transform = eval_transform
         self.images = images or ImageReader()
 
@@ -315,7 +319,11 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.train_transform, shuffle=True)
+        transform = self.train_transform
+        if self.stage_transforms:
+            epoch = self.trainer.current_epoch if self.trainer is not None else 0
+            transform = [staged for first, staged in self.stage_transforms if first <= epoch][-1]
+        return self._loader("train", transform, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_transform, shuffle=False)

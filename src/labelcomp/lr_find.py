@@ -35,7 +35,7 @@ def find_lr(config: DictConfig, stage_index: int = 0, num_training: int = 100) -
         raise LabelcompError(f"--stage {stage_index}: the config has stages 0 to {len(stages) - 1}")
     stage = stages[stage_index]
     held_out = split_folds(config, data)["fold"].to_numpy() == 0
-    loaders = build_datamodule(config, data.train[~held_out], data.train[held_out], data.images)
+    loaders = build_datamodule(config, data.train[~held_out], data.train[held_out], data.images, stages=[stage])
     module = build_module(config, data.competition, stages=[stage])
     run_dir = new_run(config.paths.runs, f"{config.experiment}-lr-find")
     save_config(config, run_dir.config)

@@ -85,6 +85,9 @@ def check_stages(stages: list[dict[str, Any]]) -> None:
             ) from None
         if stage["epochs"] < 1:
             raise LabelcompError(f"finetune.stages[{index}].epochs is {stage['epochs']}; a stage lasts at least 1 epoch")
+        if stage.get("image_size") is not None and stage["image_size"] < 1:
+            raise LabelcompError(f"finetune.stages[{index}].image_size is {stage['image_size']}; give a positive "
+                                 "number of pixels, or null for augment.image_size")
 
 
 @dataclass(frozen=True)

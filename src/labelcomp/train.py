@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from omegaconf import DictConfig, OmegaConf
 
 from labelcomp import __version__, history, ranks
-from labelcomp.augment import build_transforms
+from labelcomp.augment import build_transforms, stage_train_transforms
 from labelcomp.competition import Competition
 from labelcomp.config import load_config, save_config
 from labelcomp.data import ImageDataModule, ImageReader
@@ -237,13 +237,17 @@ def open_run(config: DictConfig, data: RunData, folds: pd.DataFrame, run_id: str
     return run_dir, folds, None if pseudo is None else pseudo[0]
 
 
-def build_datamodule(config: DictConfig, train: pd.DataFrame, val: pd.DataFrame,
-                     images: ImageReader) -> ImageDataModule:
-    """The data module of a fold: `train` augmented, `val` as evaluated (a resolved config)."""
+def build_datamodule(config: DictConfig, train: pd.DataFrame, val: pd.DataFrame, images: ImageReader,
+                     stages: list[dict[str, Any]] | None = None) -> ImageDataModule:
+    """The data module of a fold: `train` augmented, at each stage's own image size where it has one
+    (`stages`: the config's unless given), `val` as evaluated (a resolved config)."""
+    stages = OmegaConf.to_container(config.finetune.stages, resolve=True) if stages is None else stages
+    resized = any(stage.get("image_size") not in (None, config.augment.image_size) for stage in stages)
     return ImageDataModule(
         batch_size=config.data.batch_size, num_workers=config.data.num_workers, mean=config.augment.mean,
         std=config.augment.std, train=train, val=val,
         train_transform=build_transforms(config.augment, train=True, seed=config.seed),
+        stage_transforms=stage_train_transforms(config.augment, stages, config.seed) if resized else None,
         eval_transform=build_transforms(config.augment, train=False), images=images,
         pin_memory=device_of(config.trainer.accelerator).type == "cuda",
         channels_last=bool(config.trainer.channels_last),
@@ -304,6 +308,8 @@ def fit_fold(
         deterministic=config.trainer.deterministic,
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10,
         enable_progress_bar=config.trainer.progress_bar,
+        # stages at sizes of their own: a train loader per epoch, with the transforms of its stage
+        reload_dataloaders_every_n_epochs=1 if data.stage_transforms else 0,
     )
     resume = run_dir.last_checkpoint(fold)
     if resume.exists():
