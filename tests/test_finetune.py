@@ -15,7 +15,7 @@ from labelcomp.cli import main
 from labelcomp.config import load_config
 from labelcomp.data import ImageDataModule
 from labelcomp.errors import LabelcompError
-from labelcomp.finetune import StagedFinetuning, block_groups
+from labelcomp.finetune import BestAtTestSize, EarlyStoppingAtTestSize, StagedFinetuning, block_groups
 from labelcomp.model import ClassifierModule
 from labelcomp.resolve import resolve_config
 from labelcomp.schedule import StagePlan, check_stages
@@ -81,6 +81,52 @@ def test_each_epoch_trains_at_its_stages_size_and_validates_at_the_test_size(tmp
     train_sizes = sorted({(epoch, shape) for split, epoch, shape in seen if split == "train"})
     assert train_sizes == [(0, (24, 24, 3)), (1, (32, 32, 3)), (2, (32, 32, 3))]
     assert {shape for split, _, shape in seen if split == "val"} == {(32, 32, 3)}
+
+
+class ScriptedScores(L.LightningModule):
+    """Validation scores set in advance, one per epoch."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = scores
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/accuracy", self.scores[self.current_epoch])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(2, 2)), batch_size=2)
+
+    val_dataloader = train_dataloader
+
+
+@pytest.mark.parametrize("resized", [frozenset(), frozenset({0})])
+def test_best_checkpoint_and_early_stopping_pass_over_the_epochs_at_another_size(tmp_path, resized):
+    # epoch 0 (at a smaller size where resized) scores highest; then 0.5, 0.4, 0.3, 0.8
+    best = BestAtTestSize(dirpath=tmp_path, filename="best", monitor="val/accuracy", mode="max", save_top_k=1,
+                          save_last=True, resized=resized)
+    stopping = EarlyStoppingAtTestSize(monitor="val/accuracy", mode="max", patience=2, resized=resized)
+    trainer = L.Trainer(max_epochs=5, callbacks=[best, stopping], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
+    trainer.fit(ScriptedScores([0.9, 0.5, 0.4, 0.3, 0.8]))
+    if resized:  # judged from epoch 1 on: best 0.5, patience runs out at epoch 3
+        assert float(best.best_model_score) == pytest.approx(0.5) and stopping.stopped_epoch == 3
+    else:  # plain Lightning: epoch 0 is best, patience runs out at epoch 2
+        assert float(best.best_model_score) == pytest.approx(0.9) and stopping.stopped_epoch == 2
+    assert (tmp_path / "best.ckpt").is_file()
+
+
+def test_a_last_stage_at_another_size_than_the_test_size_is_refused(tmp_path):
+    config = tiny_config(tmp_path, make_competition(tmp_path / "tiny"))
+    config.merge_with({"finetune": {"stages": [{**STAGES[0], "image_size": 24}]}})
+    with pytest.raises(LabelcompError, match="the last stage trains at 24 px"):
+        resolve_config(config, 20)
 
 
 class Snapshots(Callback):

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.callbacks import BaseFinetuning, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from timm.models import group_parameters
 from torch import nn
@@ -121,3 +121,41 @@ class StagedFinetuning(BaseFinetuning):
                 group["name"] = next(f"{group['name']}.{n}" for n in itertools.count(1)
                                      if f"{group['name']}.{n}" not in names)
             optimizer.add_param_group(group)
+
+
+def resized_epochs(stages: list[dict[str, Any]], image_size: int) -> frozenset[int]:
+    """The epochs of the stages that train at a size of their own, not at `image_size`."""
+    epochs, first = set(), 0
+    for stage in stages:
+        if stage.get("image_size") not in (None, image_size):
+            epochs.update(range(first, first + stage["epochs"]))
+        first += stage["epochs"]
+    return frozenset(epochs)
+
+
+class _AtTestSize:
+    """For the callbacks that judge the model by its validation score: they pass over the epochs of
+    stages training at a size of their own. Validation is at augment.image_size, the size OOF and test
+    predictions use, where a model trained smaller scores low (8 points under its own size's score in
+    the quick recipe at 64 px validated at 80); such scores say nothing of the model the stages at the
+    test size make, and a checkpoint from those epochs would be tested at a size it never trained at."""
+
+    def __init__(self, *args: Any, resized: frozenset[int] = frozenset(), **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.resized = resized
+
+    def on_train_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        if trainer.current_epoch not in self.resized:
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        if trainer.current_epoch not in self.resized:
+            super().on_validation_end(trainer, pl_module)
+
+
+class BestAtTestSize(_AtTestSize, ModelCheckpoint):
+    """ModelCheckpoint over the epochs at the test size only (also last.ckpt, which resumes a fold)."""
+
+
+class EarlyStoppingAtTestSize(_AtTestSize, EarlyStopping):
+    """EarlyStopping whose patience counts the epochs at the test size only."""

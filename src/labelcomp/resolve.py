@@ -37,6 +37,12 @@ def resolve_config(config: DictConfig, num_classes: int, recorded: DictConfig | 
     among MEASURED come from `recorded` (the config of the run being joined) where given."""
     resolved = copy.deepcopy(config)
     resolved.finetune.merge_with({"stages": resolve_stages(resolved.finetune)})
+    last_size = resolved.finetune.stages[-1].image_size
+    if last_size not in (None, resolved.augment.image_size):
+        # the best checkpoint is chosen among the epochs at the test size (finetune.BestAtTestSize)
+        raise LabelcompError(f"finetune.stages: the last stage trains at {last_size} px, but models are validated and "
+                             f"tested at augment.image_size={resolved.augment.image_size}; end with a stage at that size "
+                             "(image_size null), or set augment.image_size to the size to test at")
     apply_weights_card(resolved.model)
     # built once with its weights: a weights file that does not load stops here, before any run folder
     data_config = resolve_model_data_config(build_model(resolved.model, num_classes))

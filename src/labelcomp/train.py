@@ -20,7 +20,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 from filelock import FileLock
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from labelcomp import __version__, history, ranks
@@ -29,7 +29,7 @@ from labelcomp.competition import Competition
 from labelcomp.config import load_config, save_config
 from labelcomp.data import ImageDataModule, ImageReader
 from labelcomp.errors import LabelcompError
-from labelcomp.finetune import StagedFinetuning
+from labelcomp.finetune import BestAtTestSize, EarlyStoppingAtTestSize, StagedFinetuning, resized_epochs
 from labelcomp.folds import assign_folds, fold_groups
 from labelcomp.hardware import device_of, peak_memory_gb, reset_peak_memory
 from labelcomp.loggers import fold_loggers, log_run_scores
@@ -290,9 +290,10 @@ def fit_fold(
     start_from_parent(module, config, fold)
     metric = METRICS[competition.spec.metric]
     fold_dir = run_dir.fold_dir(fold)
-    best = ModelCheckpoint(
+    resized = resized_epochs(module.stages, config.augment.image_size)
+    best = BestAtTestSize(
         dirpath=fold_dir, filename=run_dir.checkpoint(fold).stem, monitor=metric.monitor, mode=metric.mode,
-        save_top_k=1, save_last=True, auto_insert_metric_name=False, enable_version_counter=False,
+        save_top_k=1, save_last=True, auto_insert_metric_name=False, enable_version_counter=False, resized=resized,
     )
     trainer = L.Trainer(
         max_epochs=sum(stage["epochs"] for stage in module.stages),
@@ -301,7 +302,8 @@ def fit_fold(
         callbacks=[
             StagedFinetuning(),
             best,
-            EarlyStopping(monitor=metric.monitor, mode=metric.mode, patience=config.trainer.early_stopping_patience),
+            EarlyStoppingAtTestSize(monitor=metric.monitor, mode=metric.mode,
+                                    patience=config.trainer.early_stopping_patience, resized=resized),
             LearningRateMonitor(logging_interval="step"),
         ],
         logger=fold_loggers(config, run_dir, fold),
