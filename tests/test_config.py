@@ -82,4 +82,7 @@ def test_recipes_stand_on_the_schema_not_on_the_demo():
     quick = load_config(REPO / "configs" / "quick.yaml")
     assert quick.competition is None and quick.data.cache_images is False  # the demo's settings stay the demo's
     assert [step["name"] for step in quick.augment.train] == ["RandomResizedCrop", "HorizontalFlip", "ColorJitter"]
-    assert load_config(REPO / "configs" / "quality.yaml").augment.image_size == 128
+    assert quick.finetune.stages[-1].image_size is None  # the quick recipe ends at the size it is tested at
+    quality = load_config(REPO / "configs" / "quality.yaml")
+    # its own stages replace quick's, so none of them trains at quick's 64 px
+    assert quality.augment.image_size == 160 and [stage.image_size for stage in quality.finetune.stages] == [None, None]
