@@ -242,7 +242,7 @@ def build_datamodule(config: DictConfig, train: pd.DataFrame, val: pd.DataFrame,
     """The data module of a fold: `train` augmented, at each stage's own image size where it has one
     (`stages`: the config's unless given), `val` as evaluated (a resolved config)."""
     stages = OmegaConf.to_container(config.finetune.stages, resolve=True) if stages is None else stages
-    resized = any(stage.get("image_size") not in (None, config.augment.image_size) for stage in stages)
+    resized = resized_epochs(stages, config.augment.image_size)
     return ImageDataModule(
         batch_size=config.data.batch_size, num_workers=config.data.num_workers, mean=config.augment.mean,
         std=config.augment.std, train=train, val=val,
@@ -311,7 +311,7 @@ def fit_fold(
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10,
         enable_progress_bar=config.trainer.progress_bar,
         # stages at sizes of their own: a train loader per epoch, with the transforms of its stage
-        reload_dataloaders_every_n_epochs=1 if data.stage_transforms else 0,
+        reload_dataloaders_every_n_epochs=1 if resized else 0,
     )
     resume = run_dir.last_checkpoint(fold)
     if resume.exists():
