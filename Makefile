@@ -51,7 +51,7 @@ finetune-study: $(VENV)/.installed
 scaling-study: $(VENV)/.installed
 	$(BIN)/python tools/scaling_study.py
 
-# benchmark, not a test: configs/quick.yaml and quality.yaml on 10,000 real images (needs ../shared; ~65 min)
+# benchmark, not a test: configs/quick.yaml and quality.yaml on 10,000 real images (needs ../shared; ~50 min)
 quality-study: $(VENV)/.installed
 	$(BIN)/python tools/quality_study.py $(STUDY)
 
