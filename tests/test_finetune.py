@@ -4,6 +4,7 @@ import math
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
@@ -15,7 +16,8 @@ from labelcomp.cli import main
 from labelcomp.config import load_config
 from labelcomp.data import ImageDataModule
 from labelcomp.errors import LabelcompError
-from labelcomp.finetune import BestAtTestSize, EarlyStoppingAtTestSize, StagedFinetuning, block_groups
+from labelcomp.finetune import (BestValidated, EarlyStoppingValidated, StagedFinetuning, ValidationEpochs, block_groups,
+                                validated_epochs)
 from labelcomp.model import ClassifierModule
 from labelcomp.resolve import resolve_config
 from labelcomp.schedule import StagePlan, check_stages
@@ -81,20 +83,25 @@ def test_each_epoch_trains_at_its_stages_size_and_validates_at_the_test_size(tmp
     train_sizes = sorted({(epoch, shape) for split, epoch, shape in seen if split == "train"})
     assert train_sizes == [(0, (24, 24, 3)), (1, (32, 32, 3)), (2, (32, 32, 3))]
     assert {shape for split, _, shape in seen if split == "val"} == {(32, 32, 3)}
+    # the epoch at 24 px is not validated: no callback would read its score
+    metrics = pd.read_csv(next((tmp_path / "runs").rglob("metrics.csv")))
+    assert sorted(metrics.dropna(subset=["val/accuracy"])["epoch"]) == [1, 2]
 
 
 class ScriptedScores(L.LightningModule):
-    """Validation scores set in advance, one per epoch."""
+    """Validation scores set in advance, one per epoch; records the epochs it was validated in."""
 
     def __init__(self, scores):
         super().__init__()
         self.scores = scores
+        self.validated = []
         self.layer = torch.nn.Linear(2, 1)
 
     def training_step(self, batch, batch_idx):
         return self.layer(batch[0]).sum()
 
     def validation_step(self, batch, batch_idx):
+        self.validated.append(self.current_epoch)
         self.log("val/accuracy", self.scores[self.current_epoch])
 
     def configure_optimizers(self):
@@ -106,20 +113,49 @@ class ScriptedScores(L.LightningModule):
     val_dataloader = train_dataloader
 
 
-@pytest.mark.parametrize("resized", [frozenset(), frozenset({0})])
-def test_best_checkpoint_and_early_stopping_pass_over_the_epochs_at_another_size(tmp_path, resized):
-    # epoch 0 (at a smaller size where resized) scores highest; then 0.5, 0.4, 0.3, 0.8
-    best = BestAtTestSize(dirpath=tmp_path, filename="best", monitor="val/accuracy", mode="max", save_top_k=1,
-                          save_last=True, resized=resized)
-    stopping = EarlyStoppingAtTestSize(monitor="val/accuracy", mode="max", patience=2, resized=resized)
-    trainer = L.Trainer(max_epochs=5, callbacks=[best, stopping], logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
-    trainer.fit(ScriptedScores([0.9, 0.5, 0.4, 0.3, 0.8]))
-    if resized:  # judged from epoch 1 on: best 0.5, patience runs out at epoch 3
-        assert float(best.best_model_score) == pytest.approx(0.5) and stopping.stopped_epoch == 3
-    else:  # plain Lightning: epoch 0 is best, patience runs out at epoch 2
-        assert float(best.best_model_score) == pytest.approx(0.9) and stopping.stopped_epoch == 2
-    assert (tmp_path / "best.ckpt").is_file()
+def fit_scripted(tmp_path, scores, validated, schedule):
+    """Fits ScriptedScores with the best checkpoint and early stopping (patience 2) judging `validated`
+    epochs; `schedule`: ValidationEpochs runs validation in those epochs only, else Lightning validates
+    every epoch."""
+    best = BestValidated(dirpath=tmp_path, filename="best", monitor="val/accuracy", mode="max", save_top_k=1,
+                         save_last=True, validated=validated)
+    stopping = EarlyStoppingValidated(monitor="val/accuracy", mode="max", patience=2, validated=validated)
+    module = ScriptedScores(scores)
+    trainer = L.Trainer(max_epochs=len(scores), logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, accelerator="cpu",
+                        callbacks=[*([ValidationEpochs(validated)] if schedule else []), best, stopping])
+    trainer.fit(module)
+    assert (tmp_path / "best.ckpt").is_file() and trainer.limit_val_batches == 1.0
+    return float(best.best_model_score), stopping.stopped_epoch, module.validated
+
+
+@pytest.mark.parametrize("schedule", [False, True])
+def test_best_checkpoint_and_early_stopping_pass_over_the_epochs_not_validated(tmp_path, schedule):
+    # epoch 0 (at a smaller size, say) scores highest; then 0.5, 0.4, 0.3, 0.8
+    scores = [0.9, 0.5, 0.4, 0.3, 0.8]
+    best, stopped, validated = fit_scripted(tmp_path, scores, frozenset({1, 2, 3, 4}), schedule)
+    assert best == pytest.approx(0.5) and stopped == 3  # judged from epoch 1 on: patience runs out at epoch 3
+    assert validated == ([1, 2, 3] if schedule else [0, 1, 2, 3])
+    best, stopped, _ = fit_scripted(tmp_path / "every", scores, frozenset(range(5)), schedule)
+    assert best == pytest.approx(0.9) and stopped == 2  # plain Lightning: epoch 0 is best, patience runs out at 2
+
+
+def test_validating_every_other_epoch_counts_patience_in_validations(tmp_path):
+    # validated epochs 1, 3, 5, 7: 0.5, then 0.4 and 0.45 (patience 2 runs out at epoch 5)
+    scores = [0.9, 0.5, 0.99, 0.4, 0.99, 0.45, 0.99, 0.99]
+    validated = validated_epochs([{"epochs": 8}], image_size=32, every=2)
+    assert validated == {7, 5, 3, 1}
+    best, stopped, epochs = fit_scripted(tmp_path, scores, validated, schedule=True)
+    assert epochs == [1, 3, 5] and best == pytest.approx(0.5) and stopped == 5
+
+
+def test_validated_epochs_end_with_the_last_and_skip_stages_at_another_size():
+    quick = [{"epochs": 1, "image_size": 64}, {"epochs": 7, "image_size": 64}, {"epochs": 2, "image_size": None}]
+    assert validated_epochs(quick, image_size=80, every=1) == {8, 9}
+    assert validated_epochs(quick, image_size=80, every=3) == {9}
+    quality = [{"epochs": 1, "image_size": None}, {"epochs": 9, "image_size": 160}]
+    assert validated_epochs(quality, image_size=160, every=1) == set(range(10))
+    assert validated_epochs(quality, image_size=160, every=3) == {0, 3, 6, 9}
 
 
 def test_a_last_stage_at_another_size_than_the_test_size_is_refused(tmp_path):

@@ -126,3 +126,27 @@ def test_loader_gives_uint8_and_batches_are_normalized_as_albumentations_would(t
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         assert normalized.is_contiguous(memory_format=memory_format)  # as the backbone runs: no copy before it
         torch.testing.assert_close(normalized, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_validation_leaves_the_training_random_stream_as_it_was(tiny_competition):
+    import torch
+
+    from labelcomp.augment import build_transforms
+    from labelcomp.config import load_config
+    from labelcomp.data import ImageDataModule
+    from conftest import REPO, tiny_overrides
+
+    config = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(tiny_competition.parent, tiny_competition))
+    config.augment.mean, config.augment.std = [0.5] * 3, [0.5] * 3
+    frame = Competition.load(tiny_competition).read_train().head(8)
+    data = ImageDataModule(batch_size=4, num_workers=0, mean=[0.5] * 3, std=[0.5] * 3, train=frame, val=frame,
+                           predict=frame, train_transform=build_transforms(config.augment, train=True, seed=0),
+                           eval_transform=build_transforms(config.augment, train=False))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    for loader in (data.val_dataloader(), data.predict_dataloader()):
+        assert len(list(loader)) == 2
+    # so skipping a validation (trainer.validate_every_n_epochs) trains the very same model
+    assert torch.equal(torch.get_rng_state(), before)
+    list(data.train_dataloader())  # shuffling draws from it, as seed_everything makes repeatable
+    assert not torch.equal(torch.get_rng_state(), before)

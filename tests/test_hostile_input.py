@@ -239,6 +239,7 @@ def test_a_dangling_link_among_the_images_is_one_line_for_train_and_check(tmp_pa
     ("augment.image_size=-5", "'augment.image_size': -5; expected a positive number of pixels"),
     ("augment.image_size=0", "'augment.image_size': 0; expected a positive number of pixels"),
     ("data.batch_size=0", "'data.batch_size': 0; expected at least 1"),
+    ("trainer.validate_every_n_epochs=0", "'trainer.validate_every_n_epochs': 0; expected at least 1"),
     ("trainer.precision=fp8", "Precision 'fp8' is invalid"),
     ("paths.runs=FILE", "'paths.runs' is"),
     ("paths.submissions=FILE", "'paths.submissions' is"),

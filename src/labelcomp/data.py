@@ -316,6 +316,10 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
             worker_init_fn=_seed_worker_augmentations if self.num_workers > 0 else None,
+            # every iteration of a loader draws a seed; loaders that do not shuffle draw it from a generator
+            # of their own, not torch's global one, so validating (or not) leaves the training's random
+            # stream, and the model it trains, as they were
+            generator=None if shuffle else torch.Generator(),
         )
 
     def train_dataloader(self) -> DataLoader:

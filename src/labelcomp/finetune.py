@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import BaseFinetuning, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import BaseFinetuning, Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from timm.models import group_parameters
 from torch import nn
@@ -133,30 +133,60 @@ def resized_epochs(stages: list[dict[str, Any]], image_size: int) -> frozenset[i
     return frozenset(epochs)
 
 
-class _AtTestSize:
-    """For the callbacks that judge the model by its validation score: they pass over the epochs of
-    stages training at a size of their own. Validation is at augment.image_size, the size OOF and test
-    predictions use, where a model trained smaller scores low (the quick recipe training at 64 px,
-    validated at 80, scored about 8 points under the 64 px recipe validated at 64 in the same epochs);
-    such scores say nothing of the model the stages at the
-    test size make, and a checkpoint from those epochs would be tested at a size it never trained at."""
+def validated_epochs(stages: list[dict[str, Any]], image_size: int, every: int) -> frozenset[int]:
+    """The epochs that end with validation: those at the test size (see _Validated), every `every`-th
+    counted back from the last, so that the last epoch is always validated whatever `every` is."""
+    total = sum(stage["epochs"] for stage in stages)
+    resized = resized_epochs(stages, image_size)
+    return frozenset(epoch for epoch in range(total) if epoch not in resized and (total - 1 - epoch) % every == 0)
 
-    def __init__(self, *args: Any, resized: frozenset[int] = frozenset(), **kwargs: Any):
+
+class ValidationEpochs(Callback):
+    """Runs the validation loop at the end of the `validated` epochs only. Lightning's
+    check_val_every_n_epoch counts from the first epoch, so it skips the last one unless the interval
+    divides the epochs, and cannot pass over stages at another size; switching limit_val_batches off
+    and back per epoch is how Lightning's own tuner (lr_finder, batch_size_scaling) pauses validation."""
+
+    def __init__(self, validated: frozenset[int]):
+        self.validated = validated
+        self._limit: int | float | None = None
+
+    def on_train_epoch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        if self._limit is None:
+            self._limit = trainer.limit_val_batches
+        trainer.limit_val_batches = self._limit if trainer.current_epoch in self.validated else 0
+
+    def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        if self._limit is not None:
+            trainer.limit_val_batches = self._limit
+
+
+class _Validated:
+    """For the callbacks that judge the model by its validation score: they judge the `validated`
+    epochs only (validated_epochs), at the end of the others the score they would read is stale.
+    Stages training at a size of their own are never validated: validation is at augment.image_size,
+    the size OOF and test predictions use, where a model trained smaller scores low (the quick recipe
+    training at 64 px, validated at 80, scored about 8 points under the 64 px recipe validated at 64 in
+    the same epochs); such scores say nothing of the model the stages at the test size make, and a
+    checkpoint from those epochs would be tested at a size it never trained at."""
+
+    def __init__(self, *args: Any, validated: frozenset[int], **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.resized = resized
+        self.validated = validated
 
     def on_train_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        if trainer.current_epoch not in self.resized:
+        if trainer.current_epoch in self.validated:
             super().on_train_epoch_end(trainer, pl_module)
 
     def on_validation_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        if trainer.current_epoch not in self.resized:
+        if trainer.current_epoch in self.validated:
             super().on_validation_end(trainer, pl_module)
 
 
-class BestAtTestSize(_AtTestSize, ModelCheckpoint):
-    """ModelCheckpoint over the epochs at the test size only (also last.ckpt, which resumes a fold)."""
+class BestValidated(_Validated, ModelCheckpoint):
+    """ModelCheckpoint over the validated epochs only (also last.ckpt, which resumes a fold: a fold
+    killed between validations resumes from the last validated epoch)."""
 
 
-class EarlyStoppingAtTestSize(_AtTestSize, EarlyStopping):
-    """EarlyStopping whose patience counts the epochs at the test size only."""
+class EarlyStoppingValidated(_Validated, EarlyStopping):
+    """EarlyStopping whose patience counts validated epochs only."""

@@ -39,7 +39,7 @@ def resolve_config(config: DictConfig, num_classes: int, recorded: DictConfig | 
     resolved.finetune.merge_with({"stages": resolve_stages(resolved.finetune)})
     last_size = resolved.finetune.stages[-1].image_size
     if last_size not in (None, resolved.augment.image_size):
-        # the best checkpoint is chosen among the epochs at the test size (finetune.BestAtTestSize)
+        # the best checkpoint is chosen among the epochs at the test size (finetune.BestValidated)
         raise LabelcompError(f"finetune.stages: the last stage trains at {last_size} px, but models are validated and "
                              f"tested at augment.image_size={resolved.augment.image_size}; end with a stage at that size "
                              "(image_size null), or set augment.image_size to the size to test at")

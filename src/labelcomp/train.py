@@ -29,7 +29,8 @@ from labelcomp.competition import Competition
 from labelcomp.config import load_config, save_config
 from labelcomp.data import ImageDataModule, ImageReader
 from labelcomp.errors import LabelcompError
-from labelcomp.finetune import BestAtTestSize, EarlyStoppingAtTestSize, StagedFinetuning, resized_epochs
+from labelcomp.finetune import (BestValidated, EarlyStoppingValidated, StagedFinetuning, ValidationEpochs,
+                                resized_epochs, validated_epochs)
 from labelcomp.folds import assign_folds, fold_groups
 from labelcomp.hardware import device_of, peak_memory_gb, reset_peak_memory
 from labelcomp.loggers import fold_loggers, log_run_scores
@@ -291,9 +292,10 @@ def fit_fold(
     metric = METRICS[competition.spec.metric]
     fold_dir = run_dir.fold_dir(fold)
     resized = resized_epochs(module.stages, config.augment.image_size)
-    best = BestAtTestSize(
+    validated = validated_epochs(module.stages, config.augment.image_size, config.trainer.validate_every_n_epochs)
+    best = BestValidated(
         dirpath=fold_dir, filename=run_dir.checkpoint(fold).stem, monitor=metric.monitor, mode=metric.mode,
-        save_top_k=1, save_last=True, auto_insert_metric_name=False, enable_version_counter=False, resized=resized,
+        save_top_k=1, save_last=True, auto_insert_metric_name=False, enable_version_counter=False, validated=validated,
     )
     trainer = L.Trainer(
         max_epochs=sum(stage["epochs"] for stage in module.stages),
@@ -301,9 +303,10 @@ def fit_fold(
         num_nodes=config.trainer.num_nodes, strategy=config.trainer.strategy, precision=config.trainer.precision,
         callbacks=[
             StagedFinetuning(),
+            ValidationEpochs(validated),
             best,
-            EarlyStoppingAtTestSize(monitor=metric.monitor, mode=metric.mode,
-                                    patience=config.trainer.early_stopping_patience, resized=resized),
+            EarlyStoppingValidated(monitor=metric.monitor, mode=metric.mode,
+                                   patience=config.trainer.early_stopping_patience, validated=validated),
             LearningRateMonitor(logging_interval="step"),
         ],
         logger=fold_loggers(config, run_dir, fold),
