@@ -163,7 +163,7 @@ class ValidationEpochs(Callback):
 
 class _Validated:
     """For the callbacks that judge the model by its validation score: they judge the `validated`
-    epochs only (validated_epochs), at the end of the others the score they would read is stale.
+    epochs only (validated_epochs): at the end of any other epoch the score they would read is stale.
     Stages training at a size of their own are never validated: validation is at augment.image_size,
     the size OOF and test predictions use, where a model trained smaller scores low (the quick recipe
     training at 64 px, validated at 80, scored about 8 points under the 64 px recipe validated at 64 in
