@@ -149,16 +149,15 @@ class ValidationEpochs(Callback):
 
     def __init__(self, validated: frozenset[int]):
         self.validated = validated
-        self._limit: int | float | None = None
+
+    def on_fit_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        self._limit = trainer.limit_val_batches
 
     def on_train_epoch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        if self._limit is None:
-            self._limit = trainer.limit_val_batches
         trainer.limit_val_batches = self._limit if trainer.current_epoch in self.validated else 0
 
     def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        if self._limit is not None:
-            trainer.limit_val_batches = self._limit
+        trainer.limit_val_batches = self._limit
 
 
 class _Validated:
@@ -174,13 +173,11 @@ class _Validated:
         super().__init__(*args, **kwargs)
         self.validated = validated
 
+    # both judge at the end of the training epoch (Lightning's choice when validation runs once an
+    # epoch, at its end); at the end of validation they do nothing
     def on_train_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         if trainer.current_epoch in self.validated:
             super().on_train_epoch_end(trainer, pl_module)
-
-    def on_validation_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        if trainer.current_epoch in self.validated:
-            super().on_validation_end(trainer, pl_module)
 
 
 class BestValidated(_Validated, ModelCheckpoint):
