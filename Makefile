@@ -56,7 +56,7 @@ quality-study: $(VENV)/.installed
 	$(BIN)/python tools/quality_study.py $(STUDY)
 
 # benchmark, not a test: pseudo-label rounds from configs/quick.yaml on CIFAR with 2,000 held-out test images
-# (needs ../shared; ~45 min); STUDY="--variant 'NAME: key=value ...'" for each round to try
+# (needs ../shared; ~15 min); STUDY="--variant 'NAME: key=value ...'" for each round to try
 pseudo-study: $(VENV)/.installed
 	$(BIN)/python tools/pseudo_study.py $(STUDY)
 

@@ -18,9 +18,9 @@ import pandas as pd
 
 from labelcomp.config import load_config
 from labelcomp.probe import run_probe
-from labelcomp.submit import submit, test_proba_path
+from labelcomp.submit import submit
 from labelcomp.train import run
-from study_data import REPO, build_competition, study_folder
+from study_data import REPO, build_competition, held_out_correct, study_folder
 
 
 def main() -> int:
@@ -60,9 +60,7 @@ def main() -> int:
         if len(truth):
             if recipe != "probe":
                 submit(config, run_dir.run_id)
-            proba = pd.read_csv(test_proba_path(Path(config.paths.submissions), run_dir.run_id), dtype={"id": str})
-            predicted = proba.columns[1:][proba.iloc[:, 1:].to_numpy().argmax(1)]
-            held_out = f"{(predicted == truth.loc[proba['id']].to_numpy()).mean():.4f}"
+            held_out = f"{held_out_correct(config.paths.submissions, run_dir.run_id, truth).mean():.4f}"
         rows.append({
             "recipe": recipe, "px": config.augment.image_size, "OOF": f"{scores['oof_score']:.4f}",
             "OOF + TTA": f"{scores['oof_tta_score']:.4f} ({scores['tta']['policy']})",

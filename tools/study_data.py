@@ -11,6 +11,7 @@ import pandas as pd
 import yaml
 
 from labelcomp.startup import configure
+from labelcomp.submit import test_proba_path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -68,3 +69,11 @@ def write_competition(folder: Path, name: str, train: pd.DataFrame, test_ids: pd
         "submission": {"sample": "sample_submission.csv", "id_column": "image_id", "label_column": "label"},
     }
     (folder / "competition.yaml").write_text(yaml.safe_dump(spec))
+
+
+def held_out_correct(submissions: Path, run_id: str, truth: pd.Series) -> pd.Series:
+    """Whether the run's fold ensemble (its submission's probabilities) gets each held-out image right,
+    by image id: its mean is the held-out accuracy; two runs' series compare image by image."""
+    proba = pd.read_csv(test_proba_path(Path(submissions), run_id), dtype={"id": str})
+    predicted = proba.columns[1:][proba.iloc[:, 1:].to_numpy().argmax(1)]
+    return pd.Series(predicted == truth.loc[proba["id"]].to_numpy(), index=proba["id"].to_numpy())
