@@ -139,8 +139,8 @@ def test_validation_leaves_the_training_random_stream_as_it_was(tiny_competition
     config = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(tiny_competition.parent, tiny_competition))
     config.augment.mean, config.augment.std = [0.5] * 3, [0.5] * 3
     frame = Competition.load(tiny_competition).read_train().head(8)
-    data = ImageDataModule(batch_size=4, num_workers=0, mean=[0.5] * 3, std=[0.5] * 3, train=frame, val=frame,
-                           predict=frame, train_transform=build_transforms(config.augment, train=True, seed=0),
+    data = ImageDataModule(batch_size=4, num_workers=0, mean=config.augment.mean, std=config.augment.std, train=frame,
+                           val=frame, predict=frame, train_transform=build_transforms(config.augment, train=True, seed=0),
                            eval_transform=build_transforms(config.augment, train=False))
     torch.manual_seed(0)
     before = torch.get_rng_state()
