@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from labelcomp.runs import read_table
 from labelcomp.startup import configure
 from labelcomp.submit import test_proba_path
 
@@ -74,6 +75,5 @@ def write_competition(folder: Path, name: str, train: pd.DataFrame, test_ids: pd
 def held_out_correct(submissions: Path, run_id: str, truth: pd.Series) -> pd.Series:
     """Whether the run's fold ensemble (its submission's probabilities) gets each held-out image right,
     by image id: its mean is the held-out accuracy; two runs' series compare image by image."""
-    proba = pd.read_csv(test_proba_path(Path(submissions), run_id), dtype={"id": str})
-    predicted = proba.columns[1:][proba.iloc[:, 1:].to_numpy().argmax(1)]
-    return pd.Series(predicted == truth.loc[proba["id"]].to_numpy(), index=proba["id"].to_numpy())
+    proba = read_table(test_proba_path(Path(submissions), run_id)).set_index("id")
+    return proba.idxmax(axis=1) == truth.loc[proba.index]
