@@ -52,6 +52,7 @@ scaling-study: $(VENV)/.installed
 	$(BIN)/python tools/scaling_study.py
 
 # benchmark, not a test: configs/quick.yaml and quality.yaml on 10,000 real images (needs ../shared; ~50 min)
+# STUDY="--recipes quick --per-class 280,320,360,400": what more training images are worth (~30 min)
 quality-study: $(VENV)/.installed
 	$(BIN)/python tools/quality_study.py $(STUDY)
 

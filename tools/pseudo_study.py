@@ -27,7 +27,7 @@ from labelcomp.config import load_config
 from labelcomp.runs import find_run
 from labelcomp.submit import submit
 from labelcomp.train import run
-from study_data import REPO, build_competition, held_out_correct, study_folder
+from study_data import REPO, build_competition, held_out_correct, paired_difference, study_folder
 
 
 # two more epochs from each parent fold's weights at the recipe's test size, with and without the
@@ -45,12 +45,6 @@ def train_and_score(config, truth: pd.Series) -> tuple[str, dict, pd.Series, flo
     submit(config, run_dir.run_id)
     correct = held_out_correct(config.paths.submissions, run_dir.run_id, truth)
     return run_dir.run_id, scores, correct, (time.perf_counter() - started) / 60
-
-
-def paired_difference(correct: pd.Series, baseline: pd.Series) -> str:
-    """The accuracy difference in points, ± its standard error over the images both scored."""
-    difference = correct.astype(float) - baseline.astype(float)  # aligned by image id
-    return f"{100 * difference.mean():+.2f} ± {100 * difference.sem():.2f}"
 
 
 def main() -> int:

@@ -5,6 +5,12 @@ labels only this script knows; the rest is the training split. For each recipe (
 configs/) it trains every fold, predicts the held-out images with the fold ensemble and TTA, and
 prints the OOF accuracy without and with TTA, the fold ensemble's held-out accuracy and the wall
 times. Skips cleanly where ../shared is absent.
+
+Several training sizes (`--per-class 280,320,360,400`: nested subsets, the same held-out images) make
+a data-size curve: each row's held-out difference from the same recipe at the largest size (paired,
+image by image) and, per recipe, the held-out points that 10% more training images give by a
+least-squares fit on the logarithm of the size. That is what perfectly labelled extra images, such as
+pseudo-labels at best, can be expected to add.
 """
 
 from __future__ import annotations
@@ -14,63 +20,87 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from labelcomp.config import load_config
 from labelcomp.probe import run_probe
 from labelcomp.submit import submit
 from labelcomp.train import run
-from study_data import REPO, build_competition, held_out_correct, study_folder
+from study_data import REPO, build_competition, held_out_correct, paired_difference, study_folder
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", default="probe,quick,quality", help="configs/<name>.yaml, a YAML file's path, or probe")
-    parser.add_argument("--per-class", type=int, default=400, help="training images per class")
+    parser.add_argument("--per-class", default="400", help="training images per class; several (280,400) for a curve")
     parser.add_argument("--holdout-per-class", type=int, default=100, help="held-out images per class")
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every recipe")
     args = parser.parse_args()
+    sizes = sorted((int(size) for size in args.per_class.split(",")), reverse=True)  # the largest is the baseline
     work = study_folder("quality-study")
     if work is None:
         return 0
-    holdout = build_competition(work / "competition", args.per_class, seed=0,
-                                holdout_per_class=args.holdout_per_class)
-    truth = holdout.set_index("image")["label"]
-    rows = []
-    for recipe in args.recipes.split(","):
-        if recipe.endswith((".yaml", ".yml")):
-            source, recipe = Path(recipe).resolve(), Path(recipe).stem
-        else:
-            source = REPO / "configs" / f"{'default' if recipe == 'probe' else recipe}.yaml"
-        overrides = [f"competition={work / 'competition'}", f"paths.runs={work / 'runs'}",
-                     f"paths.submissions={work / 'submissions'}", f"experiment=study-{recipe}",
-                     # the images are small: decoded once, kept in memory (the recipes' figures were measured so)
-                     "data.cache_images=true", "trainer.progress_bar=false", *args.set]
-        if recipe == "probe":
-            overrides.append("augment.image_size=128")
-        config = load_config(source, overrides)
-        started = time.perf_counter()
-        if recipe == "probe":
-            run_dir, scores = run_probe(config)
-            trained = time.perf_counter()
-        else:
-            run_dir, scores = run(config)
-            trained = time.perf_counter()
-        held_out = "-"  # without held-out images (--holdout-per-class 0) the study compares OOF only
-        if len(truth):
-            if recipe != "probe":
-                submit(config, run_dir.run_id)
-            held_out = f"{held_out_correct(config.paths.submissions, run_dir.run_id, truth).mean():.4f}"
-        rows.append({
-            "recipe": recipe, "px": config.augment.image_size, "OOF": f"{scores['oof_score']:.4f}",
-            "OOF + TTA": f"{scores['oof_tta_score']:.4f} ({scores['tta']['policy']})",
-            "fold ensemble, held out": held_out,
-            "train min": f"{(trained - started) / 60:.1f}", "+ test min": f"{(time.perf_counter() - trained) / 60:.1f}",
-        })
-        print(pd.DataFrame(rows).to_string(index=False), file=sys.stderr, flush=True)
-    print(f"{args.per_class * 20} training images, {len(truth)} held out")
+    rows, correct_at = [], {}
+    for per_class in sizes:
+        competition = work / f"competition-{per_class}"
+        truth = build_competition(competition, per_class, seed=0,
+                                  holdout_per_class=args.holdout_per_class).set_index("image")["label"]
+        for recipe in args.recipes.split(","):
+            row, correct = train_recipe(recipe, competition, work, args.set, truth)
+            row = {"train images": per_class * 20, **row}
+            if len(sizes) > 1 and correct is not None:
+                correct_at[row["recipe"], per_class] = correct
+                row["vs largest"] = paired_difference(correct, correct_at[row["recipe"], sizes[0]])
+            rows.append(row)
+            print(pd.DataFrame(rows).to_string(index=False), file=sys.stderr, flush=True)
+    print(f"{', '.join(str(size * 20) for size in sizes)} training images, {len(truth)} held out")
     print(pd.DataFrame(rows).to_string(index=False))
+    for recipe in dict.fromkeys(recipe for recipe, _ in correct_at):
+        accuracy = [correct_at[recipe, size].mean() for size in sizes]
+        print(f"{recipe}: {gain_per_tenth_more(sizes, accuracy):+.2f} held-out points per 10% more training images "
+              "(least-squares fit on log size)")
     return 0
+
+
+def train_recipe(recipe: str, competition: Path, work: Path, common: list[str],
+                 truth: pd.Series) -> tuple[dict, pd.Series | None]:
+    """Train one recipe on the competition and predict its held-out images: its row of the table and
+    which held-out images it gets right (None without held-out images)."""
+    if recipe.endswith((".yaml", ".yml")):
+        source, recipe = Path(recipe).resolve(), Path(recipe).stem
+    else:
+        source = REPO / "configs" / f"{'default' if recipe == 'probe' else recipe}.yaml"
+    overrides = [f"competition={competition}", f"paths.runs={work / 'runs'}",
+                 f"paths.submissions={work / 'submissions'}", f"experiment=study-{recipe}",
+                 # the images are small: decoded once, kept in memory (the recipes' figures were measured so)
+                 "data.cache_images=true", "trainer.progress_bar=false", *common]
+    if recipe == "probe":
+        overrides.append("augment.image_size=128")
+    config = load_config(source, overrides)
+    started = time.perf_counter()
+    run_dir, scores = run_probe(config) if recipe == "probe" else run(config)
+    trained = time.perf_counter()
+    held_out, correct = "-", None  # without held-out images (--holdout-per-class 0) the study compares OOF only
+    if len(truth):
+        if recipe != "probe":
+            submit(config, run_dir.run_id)
+        correct = held_out_correct(config.paths.submissions, run_dir.run_id, truth)
+        held_out = f"{correct.mean():.4f}"
+    return {
+        "recipe": recipe, "px": config.augment.image_size, "OOF": f"{scores['oof_score']:.4f}",
+        "OOF + TTA": f"{scores['oof_tta_score']:.4f} ({scores['tta']['policy']})",
+        "fold ensemble, held out": held_out,
+        "train min": f"{(trained - started) / 60:.1f}", "+ test min": f"{(time.perf_counter() - trained) / 60:.1f}",
+    }, correct
+
+
+def gain_per_tenth_more(sizes: list[int], accuracy: list[float]) -> float:
+    """Accuracy points that 10% more training images add, by a least-squares line through accuracy
+    against the logarithm of the training size (over a few sizes, a learning curve is close to straight on
+    that scale)."""
+    slope = np.polyfit(np.log(sizes), accuracy, 1)[0]
+    return 100 * slope * np.log(1.1)
 
 
 if __name__ == "__main__":

@@ -77,3 +77,9 @@ def held_out_correct(submissions: Path, run_id: str, truth: pd.Series) -> pd.Ser
     by image id: its mean is the held-out accuracy; two runs' series compare image by image."""
     proba = read_table(test_proba_path(Path(submissions), run_id)).set_index("id")
     return proba.idxmax(axis=1) == truth.loc[proba.index]
+
+
+def paired_difference(correct: pd.Series, baseline: pd.Series) -> str:
+    """The accuracy difference in points, ± its standard error over the images both scored."""
+    difference = correct.astype(float) - baseline.astype(float)  # aligned by image id
+    return f"{100 * difference.mean():+.2f} ± {100 * difference.sem():.2f}"
