@@ -2,18 +2,14 @@
 two runs and the data-size curve's slope. The studies themselves need ../shared; these do not."""
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
-from labelcomp.submit import write_test_proba  # noqa: E402
-from quality_study import gain_per_tenth_more  # noqa: E402
-from study_data import held_out_correct, paired_difference  # noqa: E402
+from labelcomp.submit import write_test_proba
+from quality_study import gain_per_tenth_more
+from study_data import held_out_correct, paired_difference
 
 
 def test_held_out_correct_takes_each_image_s_most_probable_class(tmp_path):
@@ -41,5 +37,5 @@ def test_gain_per_tenth_more_reads_the_slope_of_accuracy_against_log_size():
     sizes = [400, 360, 320, 280]
     accuracy = [0.6 + 0.05 * math.log(size) for size in sizes]
     assert gain_per_tenth_more(sizes, accuracy) == pytest.approx(100 * 0.05 * math.log(1.1))
-    # a curve that does not rise gives no gain, whichever order the sizes come in
+    # a curve that does not rise gives no gain
     assert gain_per_tenth_more([280, 400, 320], [0.7, 0.7, 0.7]) == pytest.approx(0.0)

@@ -49,14 +49,15 @@ def main() -> int:
         for recipe in args.recipes.split(","):
             row, correct = train_recipe(recipe, competition, work, args.set, truth)
             row = {"train images": per_class * 20, **row}
-            if len(sizes) > 1 and correct is not None:
+            if correct is not None:
                 correct_at[row["recipe"], per_class] = correct
-                row["vs largest"] = paired_difference(correct, correct_at[row["recipe"], sizes[0]])
+                if len(sizes) > 1:
+                    row["vs largest"] = paired_difference(correct, correct_at[row["recipe"], sizes[0]])
             rows.append(row)
             print(pd.DataFrame(rows).to_string(index=False), file=sys.stderr, flush=True)
-    print(f"{', '.join(str(size * 20) for size in sizes)} training images, {len(truth)} held out")
+    print(f"{', '.join(str(size * 20) for size in sizes)} training images, {args.holdout_per_class * 20} held out")
     print(pd.DataFrame(rows).to_string(index=False))
-    for recipe in dict.fromkeys(recipe for recipe, _ in correct_at):
+    for recipe in dict.fromkeys(recipe for recipe, _ in correct_at) if len(sizes) > 1 else []:
         accuracy = [correct_at[recipe, size].mean() for size in sizes]
         print(f"{recipe}: {gain_per_tenth_more(sizes, accuracy):+.2f} held-out points per 10% more training images "
               "(least-squares fit on log size)")
