@@ -31,6 +31,11 @@ def test_paired_difference_is_the_mean_with_the_standard_error_over_the_same_ima
     other = pd.Series([False, False, True, True, False], index=list("edcba"))
     difference = pd.Series([-1, 0, 1, 0, 0], dtype=float)  # a..e
     assert paired_difference(other, baseline) == f"{100 * difference.mean():+.2f} ± {100 * difference.sem():.2f}"
+    # c and d now right, a now wrong: differences -1, 0, +1, +1, 0, by hand: mean +0.2, sample variance
+    # 2.8 / 4 = 0.7, standard error sqrt(0.7 / 5) = 0.3742; the sign says which run is the better one
+    better = pd.Series([False, True, True, True, False], index=list("edcba"))
+    assert paired_difference(better, baseline) == "+20.00 ± 37.42"
+    assert paired_difference(baseline, better) == "-20.00 ± 37.42"
 
 
 def test_gain_per_tenth_more_reads_the_slope_of_accuracy_against_log_size():
