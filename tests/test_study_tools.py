@@ -41,6 +41,39 @@ def test_paired_difference_is_the_mean_with_the_standard_error_over_the_same_ima
 def test_gain_per_tenth_more_reads_the_slope_of_accuracy_against_log_size():
     sizes = [400, 360, 320, 280]
     accuracy = [0.6 + 0.05 * math.log(size) for size in sizes]
-    assert gain_per_tenth_more(sizes, accuracy) == pytest.approx(100 * 0.05 * math.log(1.1))
+    gain, error = gain_per_tenth_more(sizes, accuracy, [42] * 4)
+    assert gain == pytest.approx(100 * 0.05 * math.log(1.1))
+    assert error == pytest.approx(0.0, abs=1e-9)  # on the line: no scatter, no doubt
     # a curve that does not rise gives no gain
-    assert gain_per_tenth_more([280, 400, 320], [0.7, 0.7, 0.7]) == pytest.approx(0.0)
+    assert gain_per_tenth_more([280, 400, 320], [0.7, 0.7, 0.7], [42] * 3)[0] == pytest.approx(0.0)
+    # two points leave nothing to estimate the scatter from
+    assert math.isnan(gain_per_tenth_more([280, 400], [0.69, 0.72], [42] * 2)[1])
+
+
+def test_gain_per_tenth_more_gives_the_slope_s_standard_error_as_numpy_s_line_fit_does():
+    sizes = [400, 360, 320, 280]
+    accuracy = [0.7230, 0.7210, 0.7150, 0.6980]
+    (slope, _), covariance = np.polyfit(np.log(sizes), accuracy, 1, cov=True)
+    gain, error = gain_per_tenth_more(sizes, accuracy, [42] * 4)
+    assert gain == pytest.approx(100 * slope * math.log(1.1))
+    assert error == pytest.approx(100 * math.sqrt(covariance[0, 0]) * math.log(1.1))
+
+
+def test_gain_per_tenth_more_fits_one_slope_for_several_seeds_each_with_its_own_intercept():
+    sizes = np.array([400, 360, 320, 280] * 2)
+    seeds = np.array([42] * 4 + [1] * 4)
+    # seed 1's curve lies 2 points lower all along: one line through both would be pulled by the shift
+    shifted = 0.6 + 0.05 * np.log(sizes) - 0.02 * (seeds == 1)
+    gain, error = gain_per_tenth_more(sizes, shifted, seeds)
+    assert gain == pytest.approx(100 * 0.05 * math.log(1.1))
+    assert error == pytest.approx(0.0, abs=1e-9)
+    # with scatter: the slope of the points centred on each seed's means (the same estimate, by the
+    # Frisch-Waugh theorem), whose line fit counts one intercept where the pooled fit has two
+    accuracy = np.array([0.7230, 0.7210, 0.7150, 0.6980, 0.7205, 0.7165, 0.7045, 0.7040])
+    log_size = pd.Series(np.log(sizes))
+    centred_x = log_size - log_size.groupby(seeds).transform("mean")
+    centred_y = pd.Series(accuracy) - pd.Series(accuracy).groupby(seeds).transform("mean")
+    (slope, _), covariance = np.polyfit(centred_x, centred_y, 1, cov=True)
+    gain, error = gain_per_tenth_more(sizes, accuracy, seeds)
+    assert gain == pytest.approx(100 * slope * math.log(1.1))
+    assert error == pytest.approx(100 * math.sqrt(covariance[0, 0] * (8 - 2) / (8 - 3)) * math.log(1.1))

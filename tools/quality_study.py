@@ -7,10 +7,12 @@ prints the OOF accuracy without and with TTA, the fold ensemble's held-out accur
 times. Skips cleanly where ../shared is absent.
 
 Several training sizes (`--per-class 280,320,360,400`: nested subsets, the same held-out images) make
-a data-size curve: each row's held-out difference from the same recipe at the largest size (paired,
-image by image) and, per recipe, the held-out points that 10% more training images give by a
-least-squares fit on the logarithm of the size. That is what perfectly labelled extra images, such as
-pseudo-labels at best, can be expected to add.
+a data-size curve: each row's held-out difference from the same recipe and seed at the largest size
+(paired, image by image) and, per recipe, the held-out points that 10% more training images give by a
+least-squares fit on the logarithm of the size, with the slope's standard error. That is what perfectly
+labelled extra images, such as pseudo-labels at best, can be expected to add. Several seeds
+(`--seeds 42,1`: other folds and training randomness, the same images) give a fit per seed and one for
+all, each seed with its own intercept.
 """
 
 from __future__ import annotations
@@ -35,33 +37,42 @@ def main() -> int:
     parser.add_argument("--recipes", default="probe,quick,quality", help="configs/<name>.yaml, a YAML file's path, or probe")
     parser.add_argument("--per-class", default="400", help="training images per class; several (280,400) for a curve")
     parser.add_argument("--holdout-per-class", type=int, default=100, help="held-out images per class")
+    parser.add_argument("--seeds", default="", help="seeds to train each recipe with (42,1); default: the recipe's own")
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every recipe")
     args = parser.parse_args()
     sizes = sorted((int(size) for size in args.per_class.split(",")), reverse=True)  # the largest is the baseline
     work = study_folder("quality-study")
     if work is None:
         return 0
+    seeds = [[f"seed={seed}"] for seed in args.seeds.split(",")] if args.seeds else [[]]
     rows, correct_at = [], {}
     for per_class in sizes:
         competition = work / f"competition-{per_class}"
         truth = build_competition(competition, per_class, seed=0,
                                   holdout_per_class=args.holdout_per_class).set_index("image")["label"]
-        for recipe in args.recipes.split(","):
-            row, correct = train_recipe(recipe, competition, work, args.set, truth)
-            row = {"train images": per_class * 20, **row}
-            if correct is not None:
-                correct_at[row["recipe"], per_class] = correct
-                if len(sizes) > 1:
-                    row["vs largest"] = paired_difference(correct, correct_at[row["recipe"], sizes[0]])
-            rows.append(row)
-            print(pd.DataFrame(rows).to_string(index=False), file=sys.stderr, flush=True)
+        for seed in seeds:
+            for recipe in args.recipes.split(","):
+                row, correct = train_recipe(recipe, competition, work, [*args.set, *seed], truth)
+                row = {"train images": per_class * 20, **row}
+                if correct is not None:
+                    correct_at[row["recipe"], row["seed"], per_class] = correct
+                    if len(sizes) > 1:
+                        row["vs largest"] = paired_difference(correct, correct_at[row["recipe"], row["seed"], sizes[0]])
+                rows.append(row)
+                print(pd.DataFrame(rows).to_string(index=False), file=sys.stderr, flush=True)
     print(f"{', '.join(str(size * 20) for size in sizes)} training images, {args.holdout_per_class * 20} held out")
     print(pd.DataFrame(rows).to_string(index=False))
     if len(sizes) > 1:
-        for recipe in dict.fromkeys(recipe for recipe, _ in correct_at):  # each recipe once, in the table's order
-            accuracy = [correct_at[recipe, size].mean() for size in sizes]
-            print(f"{recipe}: {gain_per_tenth_more(sizes, accuracy):+.2f} held-out points per 10% more training "
-                  "images (least-squares fit on log size)")
+        curve = pd.DataFrame([{"recipe": recipe, "seed": seed, "size": size, "accuracy": correct.mean()}
+                              for (recipe, seed, size), correct in correct_at.items()])
+        for recipe, points in curve.groupby("recipe", sort=False):
+            fits = [(f"seed {seed}", part) for seed, part in points.groupby("seed", sort=False)]
+            if len(fits) > 1:
+                fits.append(("all seeds, each its own intercept", points))
+            for name, part in fits:
+                gain, error = gain_per_tenth_more(part["size"], part["accuracy"], part["seed"])
+                print(f"{recipe}, {name}: {gain:+.2f} ± {error:.2f} held-out points per 10% more training images "
+                      "(least-squares fit on log size, ± the slope's standard error)")
     return 0
 
 
@@ -90,19 +101,29 @@ def train_recipe(recipe: str, competition: Path, work: Path, common: list[str],
         correct = held_out_correct(config.paths.submissions, run_dir.run_id, truth)
         held_out = f"{correct.mean():.4f}"
     return {
-        "recipe": recipe, "px": config.augment.image_size, "OOF": f"{scores['oof_score']:.4f}",
+        "recipe": recipe, "seed": config.seed, "px": config.augment.image_size, "OOF": f"{scores['oof_score']:.4f}",
         "OOF + TTA": f"{scores['oof_tta_score']:.4f} ({scores['tta']['policy']})",
         "fold ensemble, held out": held_out,
         "train min": f"{(trained - started) / 60:.1f}", "+ test min": f"{(time.perf_counter() - trained) / 60:.1f}",
     }, correct
 
 
-def gain_per_tenth_more(sizes: list[int], accuracy: list[float]) -> float:
-    """Accuracy points that 10% more training images add, by a least-squares line through accuracy
-    against the logarithm of the training size (over a few sizes, a learning curve is close to straight on
-    that scale)."""
-    slope = np.polyfit(np.log(sizes), accuracy, 1)[0]
-    return 100 * slope * np.log(1.1)
+def gain_per_tenth_more(sizes, accuracy, groups) -> tuple[float, float]:
+    """Accuracy points that 10% more training images add and their standard error, by least squares on
+    the logarithm of the training size (over a few sizes, a learning curve is close to straight on that
+    scale): one slope for all points, one intercept per group (a seed shifts the whole curve). The error
+    is nan where the points leave no residual degrees of freedom."""
+    intercepts = pd.get_dummies(pd.Series(groups).reset_index(drop=True), dtype=float).to_numpy()
+    design = np.column_stack([np.log(np.asarray(sizes, dtype=float)), intercepts])
+    accuracy = np.asarray(accuracy, dtype=float)
+    coefficients, *_ = np.linalg.lstsq(design, accuracy, rcond=None)
+    residual_dof = len(accuracy) - design.shape[1]
+    if residual_dof > 0:
+        variance = np.sum((accuracy - design @ coefficients) ** 2) / residual_dof
+        error = np.sqrt(variance * np.linalg.inv(design.T @ design)[0, 0])
+    else:
+        error = np.nan
+    return 100 * coefficients[0] * np.log(1.1), 100 * error * np.log(1.1)
 
 
 if __name__ == "__main__":
