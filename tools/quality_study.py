@@ -44,15 +44,15 @@ def main() -> int:
     work = study_folder("quality-study")
     if work is None:
         return 0
-    seeds = [[f"seed={seed}"] for seed in args.seeds.split(",")] if args.seeds else [[]]
+    seed_overrides = [[f"seed={seed}"] for seed in args.seeds.split(",")] if args.seeds else [[]]
     rows, correct_at = [], {}
     for per_class in sizes:
         competition = work / f"competition-{per_class}"
         truth = build_competition(competition, per_class, seed=0,
                                   holdout_per_class=args.holdout_per_class).set_index("image")["label"]
-        for seed in seeds:
+        for seed_override in seed_overrides:
             for recipe in args.recipes.split(","):
-                row, correct = train_recipe(recipe, competition, work, [*args.set, *seed], truth)
+                row, correct = train_recipe(recipe, competition, work, [*args.set, *seed_override], truth)
                 row = {"train images": per_class * 20, **row}
                 if correct is not None:
                     correct_at[row["recipe"], row["seed"], per_class] = correct
