@@ -113,7 +113,7 @@ def gain_per_tenth_more(sizes, accuracy, groups) -> tuple[float, float]:
     the logarithm of the training size (over a few sizes, a learning curve is close to straight on that
     scale): one slope for all points, one intercept per group (a seed shifts the whole curve). The error
     is nan where the points leave no residual degrees of freedom."""
-    intercepts = pd.get_dummies(pd.Series(groups).reset_index(drop=True), dtype=float).to_numpy()
+    intercepts = pd.get_dummies(np.asarray(groups), dtype=float).to_numpy()
     design = np.column_stack([np.log(np.asarray(sizes, dtype=float)), intercepts])
     accuracy = np.asarray(accuracy, dtype=float)
     coefficients, *_ = np.linalg.lstsq(design, accuracy, rcond=None)
