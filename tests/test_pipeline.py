@@ -1,6 +1,7 @@
 """End to end on a tiny real competition: train -> submit -> compare through the CLI."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -396,23 +397,81 @@ def test_every_listed_tta_policy_is_scored_on_oof_and_auto_takes_the_best(traine
     np.testing.assert_allclose(_read(run / "oof.csv")[labels].to_numpy(), probabilities[0], atol=1e-6)
 
 
+def _forget_kept_test_proba(run: Path) -> None:
+    """The fold folders' kept test probabilities would answer instead of the fold models."""
+    for kept in run.glob("fold_*/test_proba.npz"):
+        kept.unlink()
+
+
 def test_submit_predicts_with_the_policy_the_run_chose_and_the_fold_weights(trained, monkeypatch):
     from labelcomp import predict as predict_module
 
+    # fold k's views all say p_k, so the submission's first column gives the fold weights back
+    fold_proba = [np.array([0.7, 0.1, 0.1, 0.1]), np.array([0.1, 0.7, 0.1, 0.1])]
     calls = []
 
-    def recording(checkpoints, frame, config, views, weights, images):
-        calls.append((views, weights))
-        return np.full((len(frame), 4), 0.25)
+    def recording(network, frame, config, views, images):
+        calls.append(views)
+        return np.broadcast_to(np.log(fold_proba[(len(calls) - 1) % 2]), (len(views), len(frame), 4)).copy()
 
-    monkeypatch.setattr(predict_module, "predict_folds", recording)
+    monkeypatch.setattr(predict_module, "predict_views", recording)
+    _forget_kept_test_proba(trained["run"])
     scores = json.loads((trained["run"] / "scores.json").read_text())
     fold_scores = np.array([fold["score"] for fold in scores["folds"]])
-    assert main(["submit", "--config", SMOKE, *trained["overrides"]]) == 0
-    assert main(["submit", "--config", SMOKE, *trained["overrides"], "tta=hflip", "ensemble.fold_weights=score"]) == 0
-    chosen = calls[0][0]
-    assert len(chosen) == {"none": 1, "hflip": 2, "flips": 4, "d4": 8, "multiscale": 3, "fivecrop": 5}[
+    submitted = trained["tmp"] / "submissions" / f"{trained['run'].name}.test_proba.csv"
+    try:
+        weights = []
+        for overrides in ([], ["tta=hflip", "ensemble.fold_weights=score"]):
+            assert main(["submit", "--config", SMOKE, *trained["overrides"], "--run", trained["run"].name,
+                         *overrides]) == 0
+            first_class = _read(submitted).iloc[:, 1].to_numpy()
+            weights.append((first_class - 0.1) / 0.6)  # 0.7 w0 + 0.1 (1 - w0)
+    finally:
+        _forget_kept_test_proba(trained["run"])  # they hold the fakes
+    assert len(calls) == 4  # two folds, twice
+    assert len(calls[0]) == {"none": 1, "hflip": 2, "flips": 4, "d4": 8, "multiscale": 3, "fivecrop": 5}[
         scores["tta"]["policy"]]
-    np.testing.assert_allclose(calls[0][1], [0.5, 0.5])
-    assert calls[1][0] == ["identity", "hflip"]
-    np.testing.assert_allclose(calls[1][1], fold_scores / fold_scores.sum())
+    np.testing.assert_allclose(weights[0], 0.5, atol=1e-6)
+    assert calls[2] == ["identity", "hflip"]
+    np.testing.assert_allclose(weights[1], fold_scores[0] / fold_scores.sum(), atol=1e-6)
+
+
+def test_each_folds_test_probabilities_are_kept_for_the_next_submission_while_they_match(trained, monkeypatch):
+    from labelcomp import predict as predict_module
+
+    predicted = []
+    real = predict_module.predict_views
+
+    def counting(network, frame, config, views, images):
+        predicted.append(views)
+        return real(network, frame, config, views, images)
+
+    monkeypatch.setattr(predict_module, "predict_views", counting)
+    run = trained["run"]
+    overrides = [*trained["overrides"], "--run", run.name]  # other tests train more runs of the experiment
+    submission = trained["tmp"] / "submissions" / f"{run.name}.csv"
+    _forget_kept_test_proba(run)
+    assert main(["submit", "--config", SMOKE, *overrides]) == 0
+    first = submission.read_bytes()
+    kept = [run / f"fold_{fold}" / "test_proba.npz" for fold in range(2)]
+    test_ids = _read(trained["competition"] / "test.csv")["image_id"].tolist()
+    for path in kept:
+        with np.load(path) as archive:
+            assert archive["ids"].tolist() == test_ids and archive["views"].tolist() == predicted[0]
+    assert len(predicted) == 2
+
+    # the run's own config again: read back, the same submission to the byte
+    assert main(["submit", "--config", SMOKE, *overrides]) == 0
+    assert len(predicted) == 2 and submission.read_bytes() == first
+
+    # an override may change the prediction: the fold models predict, and what is kept stays the run's own
+    before = [path.read_bytes() for path in kept]
+    assert main(["submit", "--config", SMOKE, *overrides, "augment.image_size=48"]) == 0
+    assert len(predicted) == 4 and [path.read_bytes() for path in kept] == before
+
+    # a fold whose checkpoint changed since predicts again; the other is read back
+    checkpoint = run / "fold_1" / "best.ckpt"
+    stat = checkpoint.stat()
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert main(["submit", "--config", SMOKE, *overrides]) == 0
+    assert len(predicted) == 5 and submission.read_bytes() == first

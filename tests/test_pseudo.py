@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from labelcomp import predict as predict_module
 from labelcomp import train as train_module
 from labelcomp.cli import main
 from labelcomp.config import load_config
@@ -138,8 +139,13 @@ def test_each_fold_trains_on_the_test_images_its_parent_fold_labelled_and_valida
 
 
 @pytest.mark.slow
-def test_the_ensemble_labeler_gives_every_fold_the_test_images_the_parents_submission_is_confident_of(parent):
+def test_the_ensemble_labeler_gives_every_fold_the_test_images_the_parents_submission_is_confident_of(parent,
+                                                                                                     monkeypatch):
+    for kept in parent["run"].glob("fold_*/test_proba.npz"):  # an earlier round's, not the submission's
+        kept.unlink()
     assert main(["submit", "--config", SMOKE, *parent["overrides"], "--run", parent["run"].name]) == 0
+    predicted_again = []
+    monkeypatch.setattr(predict_module, "predict_views", lambda *args: predicted_again.append(args))
     submission = pd.read_csv(parent["tmp"] / "submissions" / f"{parent['run'].name}.test_proba.csv", dtype={"id": str})
     labels = list(submission.columns[1:])
     proba = submission[labels].to_numpy()
@@ -157,6 +163,7 @@ def test_the_ensemble_labeler_gives_every_fold_the_test_images_the_parents_submi
     (child,) = (parent["tmp"] / "runs" / "ensemble").iterdir()
     record = json.loads((child / "scores.json").read_text())["pseudo"]
     assert record["labeler"] == "ensemble" and record["images_per_fold"] == [len(expected)] * len(seen)
+    assert not predicted_again  # the labels came from the fold probabilities the submission kept
 
 
 @pytest.mark.slow

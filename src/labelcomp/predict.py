@@ -3,9 +3,11 @@ merging and fold averaging."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -22,8 +24,8 @@ from labelcomp.ensemble import fold_average, run_fold_weights
 from labelcomp.errors import LabelcompError
 from labelcomp.hardware import device_of
 from labelcomp.model import ClassifierModule
-from labelcomp.runs import RunDir
-from labelcomp.tta import policy_views, run_policy, view_transforms
+from labelcomp.runs import RunDir, write_text_atomic
+from labelcomp.tta import merge_views, policy_views, run_policy, view_transforms
 
 _logger = logging.getLogger(__name__)
 
@@ -110,6 +112,38 @@ def fold_checkpoints(run: RunDir, run_config: DictConfig) -> list[Path]:
     if missing:
         raise LabelcompError(f"run {run.run_id}: fold checkpoints missing: {missing}; finish training the run first")
     return checkpoints
+
+
+def run_fold_test_proba(run: RunDir, run_config: DictConfig, test: pd.DataFrame, images: ImageReader | None = None,
+                        keep: bool = True) -> Iterator[np.ndarray]:
+    """Each fold model's TTA-merged probabilities (images, classes) of the test images, in fold order.
+
+    With `keep` (only where `run_config` is the run's recorded one: an override could change the prediction)
+    each fold's are kept in its folder (`test_proba.npz`, with the ids, the views and the checkpoint's
+    size and time) and read back while all of them still match: a second submission of the run, or a
+    pseudo-label round from it, does not predict the test images again."""
+    views = policy_views(run_policy(json.loads(run.scores.read_text()), run_config.tta), run_config.tta)
+    ids = test["id"].to_numpy().astype(str)
+    for fold, checkpoint in enumerate(fold_checkpoints(run, run_config)):
+        kept = run.fold_dir(fold) / "test_proba.npz"
+        stat = checkpoint.stat()
+        checkpoint_stamp = np.array([stat.st_size, stat.st_mtime_ns])
+        if keep and kept.is_file():
+            with np.load(kept) as archive:
+                if (set(archive.files) >= {"ids", "views", "checkpoint"} and np.array_equal(archive["ids"], ids)
+                        and archive["views"].tolist() == views
+                        and np.array_equal(archive["checkpoint"], checkpoint_stamp)):
+                    yield archive["proba"]
+                    continue
+        _logger.info("predicting %d test images x %d views with %s", len(test), len(views), checkpoint)
+        images = images or ImageReader.from_config(run_config)  # one for every fold: what it keeps in memory serves all
+        proba = merge_views(predict_views(load_classifier(checkpoint), test, run_config, views, images),
+                            run_config.tta.merge)
+        if keep:
+            buffer = io.BytesIO()
+            np.savez(buffer, proba=proba, ids=ids, views=np.array(views), checkpoint=checkpoint_stamp)
+            write_text_atomic(kept, buffer.getvalue())
+        yield proba
 
 
 def predict_run(run: RunDir, run_config: DictConfig, frame: pd.DataFrame, images: ImageReader) -> np.ndarray:

@@ -11,7 +11,6 @@ least as confident are right `pseudo.precision` of the time. A pseudo run can be
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from typing import Any
@@ -24,12 +23,10 @@ from sklearn.metrics import precision_recall_curve
 
 from labelcomp.competition import Competition
 from labelcomp.config import load_config
-from labelcomp.data import ImageReader
 from labelcomp.ensemble import run_fold_weights
 from labelcomp.errors import LabelcompError
-from labelcomp.predict import fold_checkpoints, load_classifier, predict_views
-from labelcomp.runs import RunDir, find_run, read_table, write_text_atomic
-from labelcomp.tta import merge_views, policy_views, run_policy
+from labelcomp.predict import load_classifier, run_fold_test_proba
+from labelcomp.runs import RunDir, find_run, read_table
 
 _logger = logging.getLogger(__name__)
 
@@ -45,32 +42,6 @@ def confidence_threshold(proba: np.ndarray, target: np.ndarray, precision: float
     precisions, _, thresholds = precision_recall_curve(correct, proba.max(axis=1))
     reaching = np.flatnonzero(precisions[:-1] >= precision)  # thresholds ascend: the first is the lowest
     return float(thresholds[reaching[0]]) if len(reaching) else None
-
-
-def parent_fold_test_proba(parent: RunDir, parent_config: DictConfig, views: list[str],
-                           test: pd.DataFrame) -> np.ndarray:
-    """(folds, images, classes): each of the parent's fold models' test probabilities with its TTA `views`.
-    Kept in the parent's fold folders (`test_proba.npz`, with the ids), so later rounds and pilots from
-    the same parent do not predict again."""
-    images = None
-    per_fold = []
-    for fold, checkpoint in enumerate(fold_checkpoints(parent, parent_config)):
-        saved = parent.fold_dir(fold) / "test_proba.npz"
-        if saved.is_file():
-            with np.load(saved) as archive:
-                if archive["ids"].tolist() == test["id"].tolist() and archive["views"].tolist() == views:
-                    per_fold.append(archive["proba"])
-                    continue
-        _logger.info("pseudo-labels: predicting %d test images with fold %d of run %s", len(test), fold, parent.run_id)
-        # read as the parent reads its images (its size), sharing the disk cache with its runs
-        images = images or ImageReader.from_config(parent_config)
-        outputs = predict_views(load_classifier(checkpoint), test, parent_config, views, images)
-        proba = merge_views(outputs, parent_config.tta.merge)
-        archive = io.BytesIO()
-        np.savez(archive, proba=proba, ids=test["id"].to_numpy().astype(str), views=np.array(views))
-        write_text_atomic(saved, archive.getvalue())
-        per_fold.append(proba)
-    return np.stack(per_fold)
 
 
 def pseudo_labels(config: DictConfig, competition: Competition, test: pd.DataFrame,
@@ -115,11 +86,11 @@ def pseudo_labels(config: DictConfig, competition: Competition, test: pd.DataFra
                                  f"{parent.run_id} reaches it on OOF; lower pseudo.precision or set pseudo.threshold")
     confident = oof_proba.max(axis=1) >= threshold
     parts = []
-    views = policy_views(run_policy(parent_scores, parent_config.tta), parent_config.tta)
-    fold_proba = parent_fold_test_proba(parent, parent_config, views, test)
+    fold_proba = np.stack(list(run_fold_test_proba(parent, parent_config, test)))
     if settings.labeler == "ensemble":  # the parent's submission probabilities, for every fold
         weights = run_fold_weights(parent_scores, parent_config.ensemble)
-        fold_proba = np.broadcast_to(np.tensordot(weights, fold_proba, axes=1), fold_proba.shape)
+        submission = sum(weight * proba for weight, proba in zip(weights, fold_proba))  # as submit averages them
+        fold_proba = np.broadcast_to(submission, fold_proba.shape)
     for fold, proba in enumerate(fold_proba):
         chosen = proba.max(axis=1) >= threshold
         target = proba.argmax(axis=1)[chosen]

@@ -17,7 +17,8 @@ from labelcomp.competition import IMAGE_EXTENSIONS, Competition
 from labelcomp.config import load_config
 from labelcomp.data import ImageReader
 from labelcomp.errors import LabelcompError
-from labelcomp.predict import predict_run
+from labelcomp.ensemble import run_fold_weights
+from labelcomp.predict import predict_run, run_fold_test_proba
 from labelcomp.resolve import keep_recorded_choices
 from labelcomp.runs import RunDir, find_run, write_csv_atomic
 from labelcomp.survey import survey
@@ -31,23 +32,27 @@ def submit(config: DictConfig, run_id: str | None = None, overrides: list[str] |
 
     The run's own saved config is used, with the same `overrides` applied on top (e.g. tta=none)."""
     run = find_run(config.paths.runs, config.experiment, run_id)
+    recorded = load_config(run.config)
     run_config = load_config(run.config, overrides)
-    keep_recorded_choices(run_config, load_config(run.config))  # overrides may say auto again
+    keep_recorded_choices(run_config, recorded)  # overrides may say auto again
     competition = Competition.load(run_config.competition)
     test = competition.read_test()
     history_file = history.history_path(run_config.paths.submissions)
     if not history.is_recorded(history_file, run.run_id):  # its training stopped before recording it
         record_run(run, competition, run_config, json.loads(run.scores.read_text()))
-    proba = predict_run_test(run, run_config, test)
+    proba = predict_run_test(run, run_config, test, keep=run_config == recorded)
     return write_submission(competition, run.run_id, test["id"], proba, Path(run_config.paths.submissions))
 
 
-def predict_run_test(run: RunDir, run_config: DictConfig, test: pd.DataFrame) -> np.ndarray:
+def predict_run_test(run: RunDir, run_config: DictConfig, test: pd.DataFrame, keep: bool = True) -> np.ndarray:
     """Test probabilities (images, classes): every fold model with the run's TTA policy, averaged with
-    the configured fold weights."""
+    the configured fold weights. Each fold's are kept in the run for the next reader (`keep`: where
+    `run_config` is the run's recorded one)."""
     images = ImageReader.from_config(run_config)  # the survey fills its cache for the fold models
     survey(test["path"].tolist(), images).raise_problems("test")
-    return predict_run(run, run_config, test, images)
+    weights = run_fold_weights(json.loads(run.scores.read_text()), run_config.ensemble)
+    fold_proba = run_fold_test_proba(run, run_config, test, images, keep)
+    return sum(weight * proba for weight, proba in zip(weights, fold_proba))
 
 
 def image_files(inputs: list[str]) -> list[str]:
