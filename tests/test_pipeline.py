@@ -469,9 +469,13 @@ def test_each_folds_test_probabilities_are_kept_for_the_next_submission_while_th
     assert main(["submit", "--config", SMOKE, *overrides, "augment.image_size=48"]) == 0
     assert len(predicted) == 4 and [path.read_bytes() for path in kept] == before
 
-    # a fold whose checkpoint changed since predicts again; the other is read back
+    # a damaged copy of fold 0's, then a changed checkpoint of fold 1: that fold predicts again, the
+    # other is read back
+    kept[0].write_bytes(before[0][: len(before[0]) // 2])
+    assert main(["submit", "--config", SMOKE, *overrides]) == 0
+    assert len(predicted) == 5 and submission.read_bytes() == first and kept[0].read_bytes() == before[0]
     checkpoint = run / "fold_1" / "best.ckpt"
     stat = checkpoint.stat()
     os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert main(["submit", "--config", SMOKE, *overrides]) == 0
-    assert len(predicted) == 5 and submission.read_bytes() == first
+    assert len(predicted) == 6 and submission.read_bytes() == first

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import zipfile
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,13 +129,9 @@ def run_fold_test_proba(run: RunDir, run_config: DictConfig, test: pd.DataFrame,
         kept = run.fold_dir(fold) / "test_proba.npz"
         stat = checkpoint.stat()
         checkpoint_stamp = np.array([stat.st_size, stat.st_mtime_ns])
-        if keep and kept.is_file():
-            with np.load(kept) as archive:
-                if (set(archive.files) >= {"ids", "views", "checkpoint"} and np.array_equal(archive["ids"], ids)
-                        and archive["views"].tolist() == views
-                        and np.array_equal(archive["checkpoint"], checkpoint_stamp)):
-                    yield archive["proba"]
-                    continue
+        if keep and (proba := _kept_proba(kept, ids, views, checkpoint_stamp)) is not None:
+            yield proba
+            continue
         _logger.info("predicting %d test images x %d views with %s", len(test), len(views), checkpoint)
         images = images or ImageReader.from_config(run_config)  # one for every fold: what it keeps in memory serves all
         proba = merge_views(predict_views(load_classifier(checkpoint), test, run_config, views, images),
@@ -144,6 +141,21 @@ def run_fold_test_proba(run: RunDir, run_config: DictConfig, test: pd.DataFrame,
             np.savez(buffer, proba=proba, ids=ids, views=np.array(views), checkpoint=checkpoint_stamp)
             write_text_atomic(kept, buffer.getvalue())
         yield proba
+
+
+def _kept_proba(kept: Path, ids: np.ndarray, views: list[str], checkpoint_stamp: np.ndarray) -> np.ndarray | None:
+    """The kept test probabilities where they are of these test ids, views and checkpoint; None where
+    they are missing, of something else or unreadable (a damaged copy is predicted again, not fatal)."""
+    try:
+        with np.load(kept) as archive:
+            if (set(archive.files) >= {"proba", "ids", "views", "checkpoint"} and np.array_equal(archive["ids"], ids)
+                    and archive["views"].tolist() == views and np.array_equal(archive["checkpoint"], checkpoint_stamp)):
+                return archive["proba"]
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        _logger.warning("%s: unreadable (%s); predicting the test images again", kept, error)
+    return None
 
 
 def predict_run(run: RunDir, run_config: DictConfig, frame: pd.DataFrame, images: ImageReader) -> np.ndarray:
