@@ -56,9 +56,9 @@ def main() -> int:
                 row = {"train images": per_class * 20, **row}
                 if correct is not None:
                     correct_at[row["recipe"], row["seed"], per_class] = correct
-                    if len(sizes) > 1:  # the largest size is the baseline itself: nothing to compare
-                        row["vs largest"] = ("–" if per_class == sizes[0] else
-                                             paired_difference(correct, correct_at[row["recipe"], row["seed"], sizes[0]]))
+                    if len(sizes) > 1:  # the largest size is the baseline: its own row has nothing to compare
+                        baseline = correct_at[row["recipe"], row["seed"], sizes[0]]
+                        row["vs largest"] = "–" if per_class == sizes[0] else paired_difference(correct, baseline)
                 rows.append(row)
                 print(pd.DataFrame(rows).to_string(index=False), file=sys.stderr, flush=True)
     print(f"{', '.join(str(size * 20) for size in sizes)} training images, {args.holdout_per_class * 20} held out")

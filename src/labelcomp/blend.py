@@ -54,7 +54,7 @@ def _test_proba(run: RunDir, run_config: DictConfig, test: pd.DataFrame, submiss
             return saved[labels].to_numpy(dtype=float)
         _logger.info("%s does not match the current test split; predicting again", path)
     _logger.info("predicting the test set with run %s", run.run_id)
-    proba = predict_run_test(run, run_config, test)
+    proba = predict_run_test(run, run_config, test, keep=True)  # the run's recorded config
     write_test_proba(submissions, run.run_id, test["id"], proba, labels)
     return proba
 

@@ -24,10 +24,15 @@ def fold_weights(fold_scores: list[float], how: str, mode: str) -> np.ndarray:
     return weights / weights.sum()
 
 
+def fold_mean(fold_proba: Iterable[np.ndarray], weights: np.ndarray) -> np.ndarray:
+    """Weighted mean over folds of each fold's probabilities (images, classes); given as a generator,
+    one fold's are in memory at a time."""
+    return sum(weight * proba for weight, proba in zip(weights, fold_proba))
+
+
 def fold_average(fold_outputs: Iterable[np.ndarray], weights: np.ndarray, merge: str) -> np.ndarray:
-    """Weighted mean over folds of each fold's TTA-merged probabilities (images, classes). Each fold's
-    outputs are (views, images, classes); given as a generator, one fold's are in memory at a time."""
-    return sum(weight * merge_views(outputs, merge) for weight, outputs in zip(weights, fold_outputs))
+    """`fold_mean` of each fold's TTA-merged outputs, which are (views, images, classes)."""
+    return fold_mean((merge_views(outputs, merge) for outputs in fold_outputs), weights)
 
 
 def run_fold_weights(scores: dict, ensemble: DictConfig) -> np.ndarray:

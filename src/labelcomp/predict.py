@@ -21,7 +21,7 @@ from torch import nn
 
 from labelcomp.augment import build_transforms
 from labelcomp.data import ImageDataModule, ImageReader
-from labelcomp.ensemble import fold_average, run_fold_weights
+from labelcomp.ensemble import fold_mean, run_fold_weights
 from labelcomp.errors import LabelcompError
 from labelcomp.hardware import device_of
 from labelcomp.model import ClassifierModule
@@ -91,21 +91,6 @@ def predict_views(
     return torch.cat(batches, dim=1).float().numpy()
 
 
-def predict_folds(
-    checkpoints: list[Path], frame: pd.DataFrame, config: DictConfig, views: list[str], weights: np.ndarray,
-    images: ImageReader | None = None,
-) -> np.ndarray:
-    """Weighted mean over folds of the TTA-merged probabilities, shape (images, classes)."""
-    images = images or ImageReader.from_config(config)  # one for every fold: what it keeps in memory serves all
-
-    def fold_outputs():
-        for checkpoint in checkpoints:
-            _logger.info("predicting %d images x %d views with %s", len(frame), len(views), checkpoint)
-            yield predict_views(load_classifier(checkpoint), frame, config, views, images)
-
-    return fold_average(fold_outputs(), weights, config.tta.merge)
-
-
 def fold_checkpoints(run: RunDir, run_config: DictConfig) -> list[Path]:
     """Every fold's best checkpoint of a finished run."""
     checkpoints = [run.checkpoint(fold) for fold in range(run_config.cv.folds)]
@@ -115,28 +100,29 @@ def fold_checkpoints(run: RunDir, run_config: DictConfig) -> list[Path]:
     return checkpoints
 
 
-def run_fold_test_proba(run: RunDir, run_config: DictConfig, test: pd.DataFrame, images: ImageReader | None = None,
-                        keep: bool = True) -> Iterator[np.ndarray]:
-    """Each fold model's TTA-merged probabilities (images, classes) of the test images, in fold order.
+def run_fold_proba(run: RunDir, run_config: DictConfig, frame: pd.DataFrame, images: ImageReader | None = None,
+                   keep_test: bool = False) -> Iterator[np.ndarray]:
+    """Each fold model's TTA-merged probabilities (images, classes) of the images in `frame`, in fold order.
 
-    With `keep` (only where `run_config` is the run's recorded one: an override could change the prediction)
-    each fold's are kept in its folder (`test_proba.npz`, with the ids, the views and the checkpoint's
-    size and time) and read back while all of them still match: a second submission of the run, or a
-    pseudo-label round from it, does not predict the test images again."""
+    With `keep_test` (for the competition's test images, and only where `run_config` is the run's
+    recorded one: an override could change the prediction) each fold's are kept in its folder
+    (`test_proba.npz`, with the ids, the views and the checkpoint's size and time) and read back while
+    all of them still match: a second submission of the run, or a pseudo-label round from it, does not
+    predict the test images again."""
     views = policy_views(run_policy(json.loads(run.scores.read_text()), run_config.tta), run_config.tta)
-    ids = test["id"].to_numpy().astype(str)
+    ids = frame["id"].to_numpy().astype(str)
     for fold, checkpoint in enumerate(fold_checkpoints(run, run_config)):
         kept = run.fold_dir(fold) / "test_proba.npz"
         stat = checkpoint.stat()
         checkpoint_stamp = np.array([stat.st_size, stat.st_mtime_ns])
-        if keep and (proba := _kept_proba(kept, ids, views, checkpoint_stamp)) is not None:
+        if keep_test and (proba := _kept_proba(kept, ids, views, checkpoint_stamp)) is not None:
             yield proba
             continue
-        _logger.info("predicting %d test images x %d views with %s", len(test), len(views), checkpoint)
+        _logger.info("predicting %d images x %d views with %s", len(frame), len(views), checkpoint)
         images = images or ImageReader.from_config(run_config)  # one for every fold: what it keeps in memory serves all
-        proba = merge_views(predict_views(load_classifier(checkpoint), test, run_config, views, images),
+        proba = merge_views(predict_views(load_classifier(checkpoint), frame, run_config, views, images),
                             run_config.tta.merge)
-        if keep:
+        if keep_test:
             buffer = io.BytesIO()
             np.savez(buffer, proba=proba, ids=ids, views=np.array(views), checkpoint=checkpoint_stamp)
             write_text_atomic(kept, buffer.getvalue())
@@ -158,9 +144,9 @@ def _kept_proba(kept: Path, ids: np.ndarray, views: list[str], checkpoint_stamp:
     return None
 
 
-def predict_run(run: RunDir, run_config: DictConfig, frame: pd.DataFrame, images: ImageReader) -> np.ndarray:
-    """Probabilities (images, classes) of the images in `frame` (readable ones) from the run's fold models."""
-    checkpoints = fold_checkpoints(run, run_config)
-    scores = json.loads(run.scores.read_text())
-    views = policy_views(run_policy(scores, run_config.tta), run_config.tta)
-    return predict_folds(checkpoints, frame, run_config, views, run_fold_weights(scores, run_config.ensemble), images)
+def predict_run(run: RunDir, run_config: DictConfig, frame: pd.DataFrame, images: ImageReader,
+                keep_test: bool = False) -> np.ndarray:
+    """Probabilities (images, classes) of the images in `frame` (readable ones) from the run's fold models,
+    averaged with the configured fold weights (`keep_test`: see `run_fold_proba`)."""
+    weights = run_fold_weights(json.loads(run.scores.read_text()), run_config.ensemble)
+    return fold_mean(run_fold_proba(run, run_config, frame, images, keep_test), weights)

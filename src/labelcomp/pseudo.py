@@ -23,9 +23,9 @@ from sklearn.metrics import precision_recall_curve
 
 from labelcomp.competition import Competition
 from labelcomp.config import load_config
-from labelcomp.ensemble import run_fold_weights
+from labelcomp.ensemble import fold_mean, run_fold_weights
 from labelcomp.errors import LabelcompError
-from labelcomp.predict import load_classifier, run_fold_test_proba
+from labelcomp.predict import load_classifier, run_fold_proba
 from labelcomp.runs import RunDir, find_run, read_table
 
 _logger = logging.getLogger(__name__)
@@ -86,10 +86,9 @@ def pseudo_labels(config: DictConfig, competition: Competition, test: pd.DataFra
                                  f"{parent.run_id} reaches it on OOF; lower pseudo.precision or set pseudo.threshold")
     confident = oof_proba.max(axis=1) >= threshold
     parts = []
-    fold_proba = np.stack(list(run_fold_test_proba(parent, parent_config, test)))
+    fold_proba = np.stack(list(run_fold_proba(parent, parent_config, test, keep_test=True)))
     if settings.labeler == "ensemble":  # the parent's submission probabilities, for every fold
-        weights = run_fold_weights(parent_scores, parent_config.ensemble)
-        submission = sum(weight * proba for weight, proba in zip(weights, fold_proba))  # as submit averages them
+        submission = fold_mean(fold_proba, run_fold_weights(parent_scores, parent_config.ensemble))
         fold_proba = np.broadcast_to(submission, fold_proba.shape)
     for fold, proba in enumerate(fold_proba):
         chosen = proba.max(axis=1) >= threshold

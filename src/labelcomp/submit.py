@@ -17,8 +17,7 @@ from labelcomp.competition import IMAGE_EXTENSIONS, Competition
 from labelcomp.config import load_config
 from labelcomp.data import ImageReader
 from labelcomp.errors import LabelcompError
-from labelcomp.ensemble import run_fold_weights
-from labelcomp.predict import predict_run, run_fold_test_proba
+from labelcomp.predict import predict_run
 from labelcomp.resolve import keep_recorded_choices
 from labelcomp.runs import RunDir, find_run, write_csv_atomic
 from labelcomp.survey import survey
@@ -44,15 +43,13 @@ def submit(config: DictConfig, run_id: str | None = None, overrides: list[str] |
     return write_submission(competition, run.run_id, test["id"], proba, Path(run_config.paths.submissions))
 
 
-def predict_run_test(run: RunDir, run_config: DictConfig, test: pd.DataFrame, keep: bool = True) -> np.ndarray:
+def predict_run_test(run: RunDir, run_config: DictConfig, test: pd.DataFrame, *, keep: bool) -> np.ndarray:
     """Test probabilities (images, classes): every fold model with the run's TTA policy, averaged with
     the configured fold weights. Each fold's are kept in the run for the next reader (`keep`: where
     `run_config` is the run's recorded one)."""
     images = ImageReader.from_config(run_config)  # the survey fills its cache for the fold models
     survey(test["path"].tolist(), images).raise_problems("test")
-    weights = run_fold_weights(json.loads(run.scores.read_text()), run_config.ensemble)
-    fold_proba = run_fold_test_proba(run, run_config, test, images, keep)
-    return sum(weight * proba for weight, proba in zip(weights, fold_proba))
+    return predict_run(run, run_config, test, images, keep_test=keep)
 
 
 def image_files(inputs: list[str]) -> list[str]:
